@@ -1,0 +1,1 @@
+"""Store backends for kds: one module per database, one class each."""

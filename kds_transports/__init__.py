@@ -1,0 +1,1 @@
+"""Transport backends for kds: one module per transport, one class each."""
