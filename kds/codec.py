@@ -188,6 +188,8 @@ class Codec:
             elif isinstance(value, Deleted):
                 self.catalog.validate_key(value.key)
                 validate_labels(value.labels)
+                if value.version < 1:
+                    raise ValidationError("version", f"must be >= 1, got {value.version}")
             elif isinstance(value, ResourceKey):
                 self.catalog.validate_key(value)
                 return
