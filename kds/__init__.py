@@ -11,6 +11,7 @@ from kds.codec import Codec as Codec
 from kds.errors import CompactedError as CompactedError
 from kds.errors import ConfigError as ConfigError
 from kds.errors import ConflictError as ConflictError
+from kds.errors import CursorAheadError as CursorAheadError
 from kds.errors import DecodeError as DecodeError
 from kds.errors import EpochMismatchError as EpochMismatchError
 from kds.errors import KdsError as KdsError

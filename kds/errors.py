@@ -16,6 +16,7 @@ __all__ = [
     "CompactedError",
     "ConfigError",
     "ConflictError",
+    "CursorAheadError",
     "DecodeError",
     "EpochMismatchError",
     "KdsError",
@@ -147,3 +148,26 @@ class EpochMismatchError(StoreError):
         )
         self.expected = expected
         self.actual = actual
+
+
+class CursorAheadError(EpochMismatchError):
+    """Raised when a cursor of this epoch is past the log's head.
+
+    The data was restored from a copy older than the cursor, so events the reader
+    holds may not exist here; the reader must fall back to a snapshot.
+
+    Attributes:
+        revision: the cursor's revision.
+        head: this log's head.
+    """
+
+    def __init__(self, epoch: str, revision: int, head: int) -> None:
+        StoreError.__init__(
+            self,
+            f"cursor at revision {revision} is ahead of this log's head {head} in epoch "
+            f"{epoch!r}: the store was restored from an older copy; take a snapshot",
+        )
+        self.expected = epoch
+        self.actual = epoch
+        self.revision = revision
+        self.head = head

@@ -24,7 +24,7 @@ import attrs
 import msgpack
 
 from kds.catalog import DEFAULT_CATALOG
-from kds.errors import ConflictError, EpochMismatchError, ValidationError
+from kds.errors import ConflictError, CursorAheadError, EpochMismatchError, ValidationError
 from kds.resource import Catalog, Resource, ResourceKey, validate_labels
 
 if TYPE_CHECKING:
@@ -257,6 +257,11 @@ class Store(ABC):
     :class:`~kds.errors.StoreUnavailableError` when the backend cannot be reached;
     after the latter, the operation may be retried.
 
+    Cancellation: cancelling a read (``get``, ``list_resources``, ``snapshot``,
+    ``read``, ``head``, ``horizon``, ``tracking``, ``wait_for_commit``) leaves the store
+    unchanged and usable. Cancelling :meth:`commit` or :meth:`compact` leaves the
+    operation either fully done or not done at all; see each method.
+
     Implementations must pass the conformance suite (:mod:`kds.testing`).
     Implementations override the abstract methods; :meth:`commit`, :meth:`follow`
     and :meth:`check_cursor` are shared so every backend validates and follows
@@ -422,6 +427,9 @@ class Store(ABC):
 
         Raises:
             ValueError: *through* is negative or past the head.
+
+        Cancellation: the compaction happened completely or not at all; either way
+        the view and the events after the horizon are intact.
         """
 
     # -- reads ---------------------------------------------------------------------
@@ -510,15 +518,16 @@ class Store(ABC):
         """Check that a reader may continue after *cursor* in this log.
 
         Raises:
-            EpochMismatchError: *cursor* belongs to another log, or is ahead of this
-                log's head (the data was restored from an older copy).
+            EpochMismatchError: *cursor* belongs to another log.
+            CursorAheadError: *cursor* is ahead of this log's head (the data was
+                restored from an older copy); a subclass of EpochMismatchError.
             CompactedError: *cursor* is below the horizon.
         """
         if cursor.epoch != self.epoch:
             raise EpochMismatchError(self.epoch, cursor.epoch)
         head = await self.head()
         if cursor.revision > head:
-            raise EpochMismatchError(self.epoch, f"{cursor.epoch} at {cursor.revision} > {head}")
+            raise CursorAheadError(self.epoch, cursor.revision, head)
         await self.read(cursor.revision, limit=1)
 
     async def follow(

@@ -7,6 +7,7 @@ survives the process.
 
 from __future__ import annotations
 
+import bisect
 import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, final
@@ -201,7 +202,8 @@ class MemoryStore(Store):
         check_read_args(after, limit)
         if after < self._horizon:
             raise CompactedError(after, self._horizon)
-        return [event for event in self._log if event.revision > after][:limit]
+        start = bisect.bisect_right(self._log, after, key=lambda event: event.revision)
+        return self._log[start : start + limit]
 
     async def tracking(self, origin: str) -> Cursor | None:
         self._check_open()
