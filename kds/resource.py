@@ -91,6 +91,16 @@ class SyncFlag(enum.IntFlag):
 
 
 def _check_name(field: str, value: object) -> None:
+    # Fast path for the common, valid case (commits validate every key). Among
+    # printable characters only the space is whitespace: the rest (tabs, newlines,
+    # no-break and other Unicode spaces) are not printable.
+    if (
+        type(value) is str
+        and 0 < len(value) <= MAX_NAME_LENGTH
+        and value.isprintable()
+        and " " not in value
+    ):
+        return
     if not isinstance(value, str):
         raise ValidationError(field, f"must be a string, got {type(value).__name__}")
     if not value:
@@ -99,7 +109,7 @@ def _check_name(field: str, value: object) -> None:
         raise ValidationError(
             field, f"is {len(value)} characters long, the limit is {MAX_NAME_LENGTH}"
         )
-    if not value.isprintable() or any(ch.isspace() for ch in value):
+    if not value.isprintable() or " " in value:
         raise ValidationError(field, f"{value!r} contains whitespace or control characters")
 
 
@@ -305,7 +315,11 @@ def validate_labels(labels: object) -> None:
     """
     if not isinstance(labels, Mapping):
         raise ValidationError("labels", f"must be a mapping, got {type(labels).__name__}")
-    for name, value in labels.items():
+    items = labels.items()
+    # Fast path for the common, valid case; the loop below finds what is wrong.
+    if all(type(name) is str and name and type(value) is str for name, value in items):
+        return
+    for name, value in items:
         if not isinstance(name, str) or not name:
             raise ValidationError("labels", f"label names must be non-empty strings: {name!r}")
         if not isinstance(value, str):

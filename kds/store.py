@@ -16,8 +16,9 @@ passes the conformance suite in ``tests/property`` (reusable from
 from __future__ import annotations
 
 import contextlib
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncGenerator, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Self
 
 import attrs
@@ -195,11 +196,27 @@ class PreparedChange:
     spec_blob: bytes | None
 
 
-def _pack(field: str, value: Mapping[str, Any]) -> bytes:
+_packers = threading.local()
+
+
+def _pack(field: str, value: Mapping[str, Any], *, check_decodable: bool) -> bytes:
+    # A Packer costs more to create than to use; one per thread (a store belongs to
+    # one event loop, but different stores may run in different threads).
+    packer: msgpack.Packer | None = getattr(_packers, "packer", None)
+    if packer is None:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
     try:
-        return msgpack.packb(value, use_bin_type=True)
+        blob: bytes = packer.pack(value)
+        if check_decodable:
+            # Some values encode but cannot be decoded again (a nested map with
+            # integer keys): refuse them here instead of storing what no reader can
+            # load. Labels are validated as str -> str, so they need no such check.
+            unpack_mapping(blob)
     except (TypeError, ValueError, OverflowError) as exc:
+        # A failed pack leaves partial output in the packer's buffer.
+        packer.reset()
         raise ValidationError(field, f"cannot be encoded as msgpack: {exc}") from exc
+    return blob
 
 
 def unpack_mapping(blob: bytes) -> dict[str, Any]:
@@ -368,7 +385,9 @@ class Store(ABC):
                 resource_type.validate_spec(change.spec)
                 _check_expected_version(change.expected_version)
                 return PreparedChange(
-                    change, _pack("labels", change.labels), _pack("spec", change.spec)
+                    change,
+                    _pack("labels", change.labels, check_decodable=False),
+                    _pack("spec", change.spec, check_decodable=True),
                 )
             if isinstance(change, Delete):
                 self.catalog.validate_key(change.key)
@@ -532,7 +551,7 @@ class Store(ABC):
 
     async def follow(
         self, after: int | Cursor, *, batch_size: int = DEFAULT_READ_LIMIT
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Yield every event after *after*, in order, then wait for and yield new ones.
 
         Catches up by reading the log, then tails it live; no event is missed or
