@@ -171,8 +171,8 @@ def test_any_field_replaced_by_any_value_decodes_valid_or_raises_decode_error(fi
         return
     # Whatever was accepted is a well-formed resource.
     assert decoded.version >= 1
-    labels: dict[object, object] = dict(decoded.labels)
-    assert all(type(k) is str and type(v) is str for k, v in labels.items())
+    labels: list[tuple[object, object]] = list(decoded.labels.items())
+    assert all(type(k) is str and type(v) is str for k, v in labels)
 
 
 @given(
