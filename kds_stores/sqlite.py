@@ -1,0 +1,1223 @@
+"""SQLiteStore: the Store contract in one SQLite file, with group commit.
+
+Suited to a control plane on one machine (and to tests): no server to run, durable
+on commit, and several processes may open the same file. Writes funnel through one
+writer connection per store instance; reads use a second connection and, thanks to
+WAL, never wait for the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import sqlite3
+import types
+import uuid
+from collections import deque
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, cast, final
+
+import aiosqlite
+import anyio
+import attrs
+import msgpack
+
+from kds.catalog import DEFAULT_CATALOG
+from kds.errors import (
+    CompactedError,
+    ConfigError,
+    NotFoundError,
+    StoreClosedError,
+    StoreError,
+    StoreUnavailableError,
+)
+from kds.resource import Catalog, Resource, ResourceKey
+from kds.store import (
+    DEFAULT_READ_LIMIT,
+    Cursor,
+    Delete,
+    Deleted,
+    Event,
+    Snapshot,
+    Store,
+    Upserted,
+    check_expected,
+    check_read_args,
+    matches,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
+
+    from kds.store import PreparedChange, Tracking
+
+__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
+
+SCHEMA_VERSION: Final = 1
+"""The layout this code reads and writes, stored in ``PRAGMA user_version``."""
+
+# Tables (see the class docstring). Global-scoped keys store mesh '' rather than
+# NULL: NULLs in a primary key are all distinct in SQLite, so two NULL-mesh rows
+# with the same type and name would not collide. Validation forbids empty mesh
+# names, so '' cannot clash with a real mesh.
+_SCHEMA: Final = (
+    """
+    CREATE TABLE meta (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        epoch TEXT NOT NULL,
+        head INTEGER NOT NULL,
+        horizon INTEGER NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE resources (
+        type TEXT NOT NULL,
+        mesh TEXT NOT NULL,
+        name TEXT NOT NULL,
+        labels BLOB NOT NULL,
+        spec BLOB NOT NULL,
+        version INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        modified_at INTEGER NOT NULL,
+        PRIMARY KEY (type, mesh, name)
+    ) WITHOUT ROWID
+    """,
+    # spec IS NULL marks a deletion; its labels are the deleted resource's labels.
+    """
+    CREATE TABLE events (
+        revision INTEGER PRIMARY KEY,
+        type TEXT NOT NULL,
+        mesh TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        labels BLOB NOT NULL,
+        spec BLOB,
+        created_at INTEGER,
+        modified_at INTEGER
+    )
+    """,
+    # The view is the fold of the log: every inserted event applies itself to
+    # `resources` in the same statement. One executemany then writes both tables,
+    # which saves binding every row twice from Python, and the view cannot drift
+    # from the log.
+    """
+    CREATE TRIGGER events_apply_upsert AFTER INSERT ON events
+    WHEN NEW.spec IS NOT NULL
+    BEGIN
+        INSERT OR REPLACE INTO resources
+            (type, mesh, name, labels, spec, version, created_at, modified_at)
+        VALUES (NEW.type, NEW.mesh, NEW.name, NEW.labels, NEW.spec, NEW.version,
+                NEW.created_at, NEW.modified_at);
+    END
+    """,
+    """
+    CREATE TRIGGER events_apply_delete AFTER INSERT ON events
+    WHEN NEW.spec IS NULL
+    BEGIN
+        DELETE FROM resources
+        WHERE type = NEW.type AND mesh = NEW.mesh AND name = NEW.name;
+    END
+    """,
+    # Origins and epochs are arbitrary strings: stored as UTF-8 bytes with
+    # 'surrogatepass' so that every Python str round-trips. A revision too large for
+    # a 64-bit INTEGER is stored as its decimal text; the column has no declared
+    # type, so SQLite keeps that text as it is (a numeric column would turn it into
+    # a lossy REAL).
+    """
+    CREATE TABLE tracking (
+        origin BLOB PRIMARY KEY,
+        epoch BLOB NOT NULL,
+        revision NOT NULL
+    ) WITHOUT ROWID
+    """,
+)
+
+_INSERT_EVENT: Final = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_UPSERT_TRACKING: Final = (
+    "INSERT OR REPLACE INTO tracking (origin, epoch, revision) VALUES (?, ?, ?)"
+)
+_RESOURCE_COLUMNS: Final = "type, mesh, name, labels, spec, version, created_at, modified_at"
+_EVENT_COLUMNS: Final = "revision, type, mesh, name, version, labels, spec, created_at, modified_at"
+# One statement reads a page of events and the horizon it is valid against: both
+# come from the statement's own read snapshot. (Only constants are interpolated in
+# this and every other SQL string here, never a value: values are bound.)
+_READ_EVENTS: Final = (
+    f"SELECT (SELECT horizon FROM meta), (SELECT head FROM meta), {_EVENT_COLUMNS} "  # noqa: S608
+    "FROM events WHERE revision > ? ORDER BY revision LIMIT ?"
+)
+
+_MAX_SQLITE_INT: Final = 2**63 - 1
+_MAX_VARIABLES: Final = 30_000  # per statement; SQLite's own limit may be lower
+_MAX_BATCH_CHANGES: Final = 50_000  # changes per group-commit transaction (soft cap)
+
+_UNIX_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
+
+_Key: TypeAlias = tuple[str, str, str]  # (type, mesh or '', name)
+_Row: TypeAlias = tuple[bytes, bytes, int, int]  # (labels, spec, version, created_at)
+_EventRow: TypeAlias = tuple[Any, ...]  # one row of `events`, in column order
+_Setter: TypeAlias = "Callable[[Any, Any], None]"
+
+_object_new: Final[Callable[[type[Any]], Any]] = object.__new__
+
+_unpackb: Final = msgpack.unpackb  # the same decoding as kds.store.unpack_mapping
+
+
+class _Page:
+    """Caches shared by the rows of one page of results.
+
+    Decoding dominates reads, and rows of one page repeat themselves: the rows
+    of one commit share their timestamps, and many resources carry the same
+    labels. Each distinct value is decoded once per page. Labels are handed out as
+    copies (they are flat str -> str maps, so a copy is as independent as a fresh
+    decode): no two resources share a mutable mapping. Specs are nested, so a copy
+    would cost as much as decoding; each is decoded on its own.
+    """
+
+    __slots__ = ("_labels", "_moments")
+
+    def __init__(self) -> None:
+        self._moments: dict[int, datetime] = {}
+        self._labels: dict[bytes, dict[str, str]] = {}
+
+    def moment(self, micros: int) -> datetime:
+        moment = self._moments.get(micros)
+        if moment is None:
+            moment = self._moments[micros] = _from_micros(micros)
+        return moment
+
+    def labels(self, blob: bytes) -> dict[str, str]:
+        labels = self._labels.get(blob)
+        if labels is None:
+            decoded: dict[str, str] = _unpackb(blob)
+            self._labels[blob] = decoded
+            return decoded
+        return dict(labels)
+
+
+def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[_Setter, ...] | None:
+    """The slot setters of attrs class *cls*, if filling them is all its __init__ does.
+
+    That is: its fields are exactly *names*, in order, each a plain slot with no
+    validator or converter, and there are no pre/post-init hooks or other slots
+    (such as a cached hash). Otherwise ``None``, and callers use the constructor.
+    """
+    try:
+        fields = attrs.fields(cls)
+    except (TypeError, attrs.exceptions.NotAnAttrsClassError):
+        return None
+    if tuple(field.name for field in fields) != names:
+        return None
+    if any(field.validator is not None or field.converter is not None for field in fields):
+        return None
+    if hasattr(cls, "__attrs_pre_init__") or hasattr(cls, "__attrs_post_init__"):
+        return None
+    if set(getattr(cls, "__slots__", ())) - {*names, "__weakref__"}:
+        return None
+    descriptors = [vars(cls).get(name) for name in names]
+    if not all(isinstance(d, types.MemberDescriptorType) for d in descriptors):
+        return None
+    return tuple(cast("types.MemberDescriptorType", d).__set__ for d in descriptors)
+
+
+def _key_builder() -> Callable[[str, str | None, str], ResourceKey]:
+    setters = _slot_setters(ResourceKey, ("type", "mesh", "name"))
+    if setters is None:
+        return ResourceKey
+    set_type, set_mesh, set_name = setters
+
+    def new_key(type_name: str, mesh: str | None, name: str) -> ResourceKey:
+        key: ResourceKey = _object_new(ResourceKey)
+        set_type(key, type_name)
+        set_mesh(key, mesh)
+        set_name(key, name)
+        return key
+
+    return new_key
+
+
+def _resource_builder() -> Callable[..., Resource]:
+    names = ("key", "labels", "spec", "version", "created_at", "modified_at")
+    setters = _slot_setters(Resource, names)
+    if setters is None:
+        return lambda *values: Resource(**dict(zip(names, values, strict=True)))
+    set_key, set_labels, set_spec, set_version, set_created, set_modified = setters
+
+    def new_resource(
+        key: ResourceKey,
+        labels: Mapping[str, str],
+        spec: Mapping[str, Any],
+        version: int,
+        created_at: datetime,
+        modified_at: datetime,
+    ) -> Resource:
+        resource: Resource = _object_new(Resource)
+        set_key(resource, key)
+        set_labels(resource, labels)
+        set_spec(resource, spec)
+        set_version(resource, version)
+        set_created(resource, created_at)
+        set_modified(resource, modified_at)
+        return resource
+
+    return new_resource
+
+
+def _upserted_builder() -> Callable[[int, Resource], Upserted]:
+    setters = _slot_setters(Upserted, ("revision", "resource"))
+    if setters is None:
+        return lambda revision, resource: Upserted(revision=revision, resource=resource)
+    set_revision, set_resource = setters
+
+    def new_upserted(revision: int, resource: Resource) -> Upserted:
+        event: Upserted = _object_new(Upserted)
+        set_revision(event, revision)
+        set_resource(event, resource)
+        return event
+
+    return new_upserted
+
+
+def _deleted_builder() -> Callable[[int, ResourceKey, int, Mapping[str, str]], Deleted]:
+    setters = _slot_setters(Deleted, ("revision", "key", "version", "labels"))
+    if setters is None:
+        return lambda revision, key, version, labels: Deleted(
+            revision=revision, key=key, version=version, labels=labels
+        )
+    set_revision, set_key, set_version, set_labels = setters
+
+    def new_deleted(
+        revision: int, key: ResourceKey, version: int, labels: Mapping[str, str]
+    ) -> Deleted:
+        event: Deleted = _object_new(Deleted)
+        set_revision(event, revision)
+        set_key(event, key)
+        set_version(event, version)
+        set_labels(event, labels)
+        return event
+
+    return new_deleted
+
+
+# Reads build hundreds of thousands of these frozen attrs objects. Their generated
+# __init__ assigns each field through object.__setattr__ (to get past the frozen
+# guard), a large share of a read's cost after decoding. When __init__ does
+# nothing but that (checked by _slot_setters at import), the builders below fill
+# the slots directly and produce the very same objects (same class, equal, same
+# hash); otherwise they are the ordinary constructors.
+_new_key: Final = _key_builder()
+_new_resource: Final = _resource_builder()
+_new_upserted: Final = _upserted_builder()
+_new_deleted: Final = _deleted_builder()
+
+
+@functools.cache
+def _variable_limit() -> int:
+    """The most ``?`` parameters one statement may bind with this SQLite library."""
+    with contextlib.closing(sqlite3.connect(":memory:")) as probe:
+        return min(probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER), _MAX_VARIABLES)
+
+
+def _to_micros(moment: datetime) -> int:
+    return (moment - _UNIX_EPOCH) // _MICROSECOND
+
+
+def _from_micros(micros: int) -> datetime:
+    return _UNIX_EPOCH + timedelta(microseconds=micros)
+
+
+def _text_to_db(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _text_from_db(blob: bytes) -> str:
+    return blob.decode("utf-8", "surrogatepass")
+
+
+def _cursor_from_db(epoch: bytes, revision: int | str) -> Cursor:
+    return Cursor(_text_from_db(epoch), int(revision))
+
+
+def _db_key(key: ResourceKey) -> _Key | None:
+    """The stored form of *key*, or ``None`` when no stored resource can have it."""
+    type_name, mesh, name = key.type, key.mesh, key.name
+    if mesh is None:
+        mesh = ""
+    elif mesh == "":
+        return None  # '' stands for "no mesh" in the database
+    if type(type_name) is not str or type(mesh) is not str or type(name) is not str:
+        return None
+    return (type_name, mesh, name)
+
+
+class _RolledBackRequest(Exception):
+    """A request's writes failed and were rolled back to its savepoint."""
+
+    def __init__(self, error: StoreError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Commit:
+    """One caller's commit() waiting for the writer task."""
+
+    __slots__ = ("changes", "future", "keys", "tracking")
+
+    def __init__(
+        self,
+        changes: Sequence[PreparedChange],
+        keys: list[_Key],
+        tracking: Tracking | None,
+        future: asyncio.Future[int],
+    ) -> None:
+        self.changes = changes
+        self.keys = keys
+        self.tracking = tracking
+        self.future = future
+
+    def resolve(self, revision: int) -> None:
+        if not self.future.done():
+            self.future.set_result(revision)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+@final
+class SQLiteStore(Store):
+    """A :class:`~kds.Store` in one SQLite database file.
+
+    Storage layout (schema version :data:`SCHEMA_VERSION`, kept in ``PRAGMA
+    user_version``; a file with a newer version is refused):
+
+    * ``meta``: one row holding the epoch (a random UUID chosen when the schema is
+      created), the head revision and the compaction horizon;
+    * ``resources``: the view, one row per resource keyed by ``(type, mesh, name)``
+      (``WITHOUT ROWID``: the key is the clustered index, so lookups and key-ordered
+      listings need no second index; global-scoped keys store mesh ``''``). Labels
+      and spec are the msgpack blobs :meth:`~kds.Store.commit` encoded, so the
+      no-op rule compares bytes; timestamps are integer microseconds UTC;
+    * ``events``: the log, keyed by revision, each row a full copy of the change
+      (a deletion has no spec). Triggers apply every inserted event to
+      ``resources``, so the view is the fold of the log by construction;
+    * ``tracking``: the consumer cursor committed for each origin.
+
+    Durability: the database runs in WAL mode. Readers see only committed data and
+    never block the writer, and a process killed at any point leaves the file
+    holding exactly the transactions that committed. With ``synchronous="full"``
+    (the default) every commit is fsynced before :meth:`commit` returns, so a
+    returned commit also survives power loss -- a store that replicates other
+    stores' logs must not forget what it acknowledged. ``"normal"`` skips that fsync
+    (the WAL is synced at checkpoints): faster and still safe against process
+    crashes, but the last commits may be lost if the machine itself goes down.
+
+    Writes: one writer connection per instance, driven by one writer task.
+    Concurrent :meth:`commit` calls queue up and the writer applies everything
+    queued in one ``BEGIN IMMEDIATE`` transaction, each call inside its own
+    savepoint: they share one fsync but succeed or fail alone. Revisions are
+    assigned inside that transaction, from the head stored in it, so revision order
+    is commit order even when other processes write the same file. Nothing read
+    from the database is cached across transactions (another process may have
+    written in between) except the epoch, which never changes, and the highest
+    head seen, which only lets a waiter return at once and can only lag the truth.
+
+    Reads run on a second connection, one statement or one explicit read
+    transaction at a time, so each result is consistent with a single revision.
+    Commits through this instance wake :meth:`wait_for_commit` at once; commits by
+    other processes or instances are noticed by reading the head every
+    ``poll_interval`` seconds.
+
+    The store runs on asyncio (as aiosqlite does).
+
+    Args:
+        path: the database file; created with the schema if it does not exist.
+        catalog: the resource types this store accepts.
+        poll_interval: seconds between checks for commits made by other processes
+            or store instances while :meth:`wait_for_commit` waits; commits through
+            this instance wake waiters at once.
+        busy_timeout: seconds to wait for another connection's lock before an
+            operation fails with :class:`~kds.errors.StoreUnavailableError`.
+        synchronous: ``"full"`` to fsync every commit, ``"normal"`` to trade the
+            durability of the latest commits on power loss for speed.
+
+    Raises:
+        ConfigError: a setting is invalid (an in-memory path, a non-positive
+            interval, an unknown ``synchronous`` mode).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        catalog: Catalog = DEFAULT_CATALOG,
+        poll_interval: float = 0.25,
+        busy_timeout: float = 5.0,
+        synchronous: Literal["normal", "full"] = "full",
+    ) -> None:
+        super().__init__(catalog=catalog)
+        self._path = os.fspath(path)
+        if not self._path or self._path == ":memory:" or self._path.startswith("file::memory:"):
+            raise ConfigError(
+                "SQLiteStore needs a database file path: an in-memory database is not "
+                "shared between connections"
+            )
+        if not poll_interval > 0:
+            raise ConfigError(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
+        if not busy_timeout >= 0:
+            raise ConfigError(f"busy_timeout must be >= 0 seconds, got {busy_timeout!r}")
+        if synchronous not in ("normal", "full"):
+            raise ConfigError(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
+        self._poll_interval = poll_interval
+        self._busy_timeout = busy_timeout
+        self._synchronous = synchronous
+        self._open = False
+        self._epoch = ""
+        self._writer_db: aiosqlite.Connection | None = None
+        self._reader_db: aiosqlite.Connection | None = None
+        # The highest head this instance has seen committed; only ever a lower bound
+        # of the real head (other processes may be ahead), used to wake waiters.
+        self._known_head = 0
+        self._changed: anyio.Event | None = None
+        self._queue: deque[_Commit] = deque()
+        self._writer_task: asyncio.Task[None] | None = None
+        self._lifecycle_lock: anyio.Lock | None = None
+        self._write_lock: anyio.Lock | None = None
+        self._read_lock: anyio.Lock | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self._path!r})"
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._lifecycle_lock is None:
+            self._lifecycle_lock = anyio.Lock()
+        async with self._lifecycle_lock:
+            if self._open:
+                return
+            writer = reader = None
+            try:
+                writer = await self._connect()
+                await self._configure(writer, writer=True)
+                await self._create_schema(writer)
+                reader = await self._connect()
+                await self._configure(reader, writer=False)
+                rows = await self._run(reader, "SELECT epoch, head FROM meta", (), "opening")
+                if len(rows) != 1:
+                    raise StoreError(f"{self}: the meta table is damaged (expected one row)")
+                epoch, head = rows[0]
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    for db in (reader, writer):
+                        if db is not None:
+                            with contextlib.suppress(Exception):
+                                await db.close()
+                raise
+            self._writer_db, self._reader_db = writer, reader
+            self._epoch = epoch
+            self._known_head = head
+            self._write_lock = anyio.Lock()
+            self._read_lock = anyio.Lock()
+            self._queue = deque()
+            self._open = True
+
+    async def _connect(self) -> aiosqlite.Connection:
+        try:
+            # When aiosqlite fails to connect, its worker thread reports the failure
+            # to the event loop after connect() has already raised, and errors out if
+            # the loop is gone by then. Opening the file once with plain sqlite3
+            # first turns the usual failures (no such directory, no permission) into
+            # an error here, before any thread exists.
+            await anyio.to_thread.run_sync(self._probe)
+            # isolation_level=None: no implicit transactions; every transaction here
+            # is an explicit BEGIN, so its extent is visible in the code.
+            return await aiosqlite.connect(
+                self._path, isolation_level=None, timeout=self._busy_timeout
+            )
+        except sqlite3.Error as exc:
+            raise self._open_error(exc) from exc
+
+    def _probe(self) -> None:
+        sqlite3.connect(self._path, timeout=self._busy_timeout).close()
+
+    async def _configure(self, db: aiosqlite.Connection, *, writer: bool) -> None:
+        statements = [
+            f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}",
+            f"PRAGMA synchronous = {self._synchronous.upper()}",
+        ]
+        if not writer:
+            statements.append("PRAGMA query_only = ON")  # a bug here cannot write
+        try:
+            for statement in statements:
+                await db.execute_fetchall(statement)
+            if writer:
+                # Persistent in the file; a no-op once set. Needs a moment's exclusive
+                # access on a new file, which busy_timeout waits for.
+                mode = await db.execute_fetchall("PRAGMA journal_mode = WAL")
+                if [tuple(row) for row in mode] != [("wal",)]:
+                    raise ConfigError(
+                        f"{self}: cannot switch {self._path!r} to WAL journal mode "
+                        f"(got {list(mode)!r}); is it on a filesystem without shared memory?"
+                    )
+        except sqlite3.Error as exc:
+            raise self._open_error(exc) from exc
+
+    async def _create_schema(self, db: aiosqlite.Connection) -> None:
+        try:
+            version = await self._user_version(db)
+            if version == SCHEMA_VERSION:
+                return
+            # BEGIN IMMEDIATE takes the write lock first, so when two processes open
+            # a new file at once, the second waits here and then finds the schema.
+            await db.execute_fetchall("BEGIN IMMEDIATE")
+            try:
+                version = await self._user_version(db)
+                if version == 0:
+                    tables = await db.execute_fetchall(
+                        "SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
+                    )
+                    if list(tables):
+                        raise ConfigError(
+                            f"{self}: {self._path!r} is an SQLite database but not a kds "
+                            "store (it has tables but no kds schema version)"
+                        )
+                    for statement in _SCHEMA:
+                        await db.execute_fetchall(statement)
+                    await db.execute_fetchall(
+                        "INSERT INTO meta (id, epoch, head, horizon) VALUES (1, ?, 0, 0)",
+                        (uuid.uuid4().hex,),
+                    )
+                    await db.execute_fetchall(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                await db.execute_fetchall("COMMIT")
+            except BaseException:
+                with anyio.CancelScope(shield=True), contextlib.suppress(sqlite3.Error):
+                    await db.execute_fetchall("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise self._open_error(exc) from exc
+
+    async def _user_version(self, db: aiosqlite.Connection) -> int:
+        rows = list(await db.execute_fetchall("PRAGMA user_version"))
+        version = int(rows[0][0])
+        self._check_schema_version(version)
+        return version
+
+    def _check_schema_version(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                f"{self}: {self._path!r} has schema version {version}, but this version "
+                f"of kds understands only up to {SCHEMA_VERSION}: upgrade kds to open it"
+            )
+
+    def _open_error(self, exc: sqlite3.Error) -> StoreError | ConfigError:
+        if isinstance(exc, sqlite3.OperationalError):
+            return self._driver_error(exc, "opening")
+        # Not an operational problem: the file is not a database, or it is damaged.
+        return ConfigError(f"{self}: cannot open {self._path!r} as a kds store: {exc}")
+
+    async def aclose(self) -> None:
+        if self._lifecycle_lock is None:
+            return
+        with anyio.CancelScope(shield=True):
+            async with self._lifecycle_lock:
+                if not self._open:
+                    return
+                self._open = False
+                self._wake()  # waiters see the store closed and raise
+                while self._queue:
+                    self._queue.popleft().fail(
+                        StoreClosedError(f"{self} was closed before this commit started")
+                    )
+                # The writer finishes the batch it is applying (its callers get their
+                # real outcome) and stops; a compaction in progress finishes too.
+                if self._writer_task is not None:
+                    await asyncio.wait([self._writer_task])
+                    self._writer_task = None
+                if self._write_lock is not None:
+                    async with self._write_lock:
+                        pass
+                for db in (self._writer_db, self._reader_db):
+                    if db is not None:
+                        # aiosqlite runs queued operations before closing; later ones
+                        # fail and are reported as StoreClosedError.
+                        with contextlib.suppress(Exception):
+                            await db.close()
+                self._writer_db = self._reader_db = None
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise StoreClosedError(f"{self} is not open")
+
+    def _wake(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def _saw_head(self, head: int) -> None:
+        """Record a head read from the database; wake waiters if it moved."""
+        if head > self._known_head:
+            self._known_head = head
+            self._wake()
+
+    @property
+    def epoch(self) -> str:
+        self._check_open()
+        return self._epoch
+
+    # -- driver calls ----------------------------------------------------------------
+
+    def _driver_error(self, exc: sqlite3.Error, action: str) -> StoreError:
+        code = getattr(exc, "sqlite_errorcode", None)
+        primary = code & 0xFF if isinstance(code, int) else None
+        message = str(exc)
+        if isinstance(exc, sqlite3.OperationalError):
+            if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or (
+                primary is None and ("locked" in message or "busy" in message)
+            ):
+                return StoreUnavailableError(
+                    f"{self} is locked by another connection (waited up to "
+                    f"{self._busy_timeout}s) while {action}: {message}"
+                )
+            return StoreUnavailableError(f"{self}: SQLite failed while {action}: {message}")
+        return StoreError(f"{self}: SQLite failed while {action}: {type(exc).__name__}: {message}")
+
+    def _call_error(self, exc: Exception, action: str) -> StoreError:
+        """Translate whatever a driver call raised into a kds error."""
+        if isinstance(exc, sqlite3.Error):
+            return self._driver_error(exc, action)
+        if not self._open:
+            # aiosqlite raises ValueError once aclose() has closed the connection.
+            return StoreClosedError(f"{self} was closed while {action}")
+        return StoreError(f"{self}: cannot pass a value to SQLite while {action}: {exc}")
+
+    async def _run(
+        self, db: aiosqlite.Connection, sql: str, params: Sequence[Any], action: str
+    ) -> list[tuple[Any, ...]]:
+        try:
+            rows = await db.execute_fetchall(sql, params)
+        except (sqlite3.Error, ValueError, OverflowError) as exc:
+            raise self._call_error(exc, action) from exc
+        # Rows are plain tuples: no row_factory is set.
+        return cast("list[tuple[Any, ...]]", rows)
+
+    async def _run_many(
+        self, db: aiosqlite.Connection, sql: str, rows: Iterable[Sequence[Any]], action: str
+    ) -> None:
+        try:
+            await db.executemany(sql, rows)
+        except (sqlite3.Error, ValueError, OverflowError) as exc:
+            raise self._call_error(exc, action) from exc
+
+    def _reader(self) -> tuple[aiosqlite.Connection, anyio.Lock]:
+        self._check_open()
+        assert self._reader_db is not None  # noqa: S101 -- set whenever open
+        assert self._read_lock is not None  # noqa: S101 -- set whenever open
+        return self._reader_db, self._read_lock
+
+    async def _read(self, sql: str, params: Sequence[Any], action: str) -> list[tuple[Any, ...]]:
+        """Run one read statement: one statement is one consistent snapshot."""
+        db, lock = self._reader()
+        # Even single statements take the lock: run inside another task's open read
+        # transaction, they would see that transaction's older snapshot.
+        async with lock:
+            return await self._run(db, sql, params, action)
+
+    @contextlib.asynccontextmanager
+    async def _read_transaction(self, action: str) -> AsyncIterator[aiosqlite.Connection]:
+        """Hold one read snapshot across several statements."""
+        db, lock = self._reader()
+        async with lock:
+            try:
+                await self._run(db, "BEGIN", (), action)
+                yield db
+            finally:
+                # Queued after everything this task sent (aiosqlite runs calls in
+                # order), so it ends the transaction even when the task was
+                # cancelled mid-way; failing because none is open is harmless.
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await db.execute_fetchall("ROLLBACK")
+
+    # -- writes --------------------------------------------------------------------
+
+    async def _commit_prepared(
+        self, changes: Sequence[PreparedChange], tracking: Tracking | None
+    ) -> int:
+        self._check_open()
+        keys: list[_Key] = []
+        for prepared in changes:
+            key = prepared.change.key
+            mesh = key.mesh
+            keys.append((key.type, "" if mesh is None else mesh, key.name))
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Commit(changes, keys, tracking, future))
+        if self._writer_task is None or self._writer_task.done():
+            self._writer_task = asyncio.get_running_loop().create_task(
+                self._write_loop(), name=f"{self} writer"
+            )
+        # Cancelling this await cancels the future: a request the writer has not
+        # started yet is then dropped; one it has started commits or not as a whole.
+        return await future
+
+    async def _write_loop(self) -> None:
+        """Apply queued commits, a batch per transaction, until the queue is empty.
+
+        Requests that arrive while a batch is being written wait for the next
+        batch: the busier the store, the more commits share one transaction and
+        one fsync.
+        """
+        assert self._write_lock is not None  # noqa: S101 -- set whenever open
+        while self._queue and self._open:
+            batch: list[_Commit] = []
+            size = 0
+            while self._queue and (not batch or size < _MAX_BATCH_CHANGES):
+                request = self._queue.popleft()
+                if not request.future.done():  # its caller has given up
+                    batch.append(request)
+                    size += len(request.changes)
+            if not batch:
+                continue
+            try:
+                async with self._write_lock:
+                    await self._apply_batch(batch)
+            except BaseException as exc:
+                # Never leave a caller hanging, whatever went wrong.
+                if isinstance(exc, Exception):
+                    for request in batch:
+                        request.fail(self._batch_error(exc))
+                    continue
+                # The writer itself is being cancelled (the event loop is shutting
+                # down): whatever it took or still holds has an unknown outcome.
+                for request in [*batch, *self._queue]:
+                    request.fail(StoreUnavailableError(f"{self}: the commit was interrupted"))
+                self._queue.clear()
+                raise
+
+    def _batch_error(self, exc: Exception) -> StoreError:
+        """A fresh error for each caller of a failed batch (tracebacks stay separate)."""
+        fresh: StoreError
+        if isinstance(exc, StoreUnavailableError):
+            fresh = StoreUnavailableError(str(exc))
+        elif isinstance(exc, StoreClosedError):
+            fresh = StoreClosedError(str(exc))
+        elif isinstance(exc, StoreError):
+            fresh = StoreError(str(exc))
+        else:
+            fresh = StoreError(f"{self}: commit failed: {type(exc).__name__}: {exc}")
+        fresh.__cause__ = exc
+        return fresh
+
+    async def _apply_batch(self, batch: list[_Commit]) -> None:
+        assert self._writer_db is not None  # noqa: S101 -- set whenever open
+        db = self._writer_db
+        action = "committing"
+        # IMMEDIATE: take the write lock now, so the head read below cannot be
+        # overtaken by another process before this transaction commits.
+        await self._run(db, "BEGIN IMMEDIATE", (), action)
+        try:
+            head = start = await self._head_in(db, action)
+            all_keys = {key for request in batch for key in request.keys}
+            rows = await self._fetch_rows(db, all_keys)
+            origins = {r.tracking.origin for r in batch if r.tracking is not None}
+            tracked = await self._fetch_tracking(db, origins)
+            now = _to_micros(datetime.now(UTC))
+            # A lone request needs no savepoint: rolling back the transaction is
+            # rolling back the request.
+            savepoints = len(batch) > 1
+            outcomes: list[tuple[_Commit, int | Exception]] = []
+            for request in batch:
+                try:
+                    events, local, revision = self._plan(request, rows, tracked, head, now)
+                except Exception as exc:  # the caller's own error (conflict, not found)
+                    # Planning happens before the request writes anything: a conflict
+                    # leaves nothing to roll back.
+                    outcomes.append((request, exc))
+                    continue
+                tracking = request.tracking
+                if events or tracking is not None:
+                    try:
+                        await self._write_request(db, events, tracking, savepoints=savepoints)
+                    except _RolledBackRequest as failed:
+                        outcomes.append((request, failed.error))
+                        continue
+                rows.update(local)
+                if tracking is not None:
+                    tracked[tracking.origin] = tracking.cursor
+                head = revision
+                outcomes.append((request, revision))
+            if head != start:
+                await self._run(db, "UPDATE meta SET head = ? WHERE id = 1", (head,), action)
+            # The fsync (synchronous=full) happens here, once for the whole batch. A
+            # transaction that wrote nothing commits without touching the disk.
+            await self._run(db, "COMMIT", (), action)
+        except BaseException:
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await db.execute_fetchall("ROLLBACK")
+            raise
+        # Only now is any of it durable: resolve callers and wake followers.
+        for request, outcome in outcomes:
+            if isinstance(outcome, Exception):
+                request.fail(outcome)
+            else:
+                request.resolve(outcome)
+        self._saw_head(head)
+
+    async def _write_request(
+        self,
+        db: aiosqlite.Connection,
+        events: list[_EventRow],
+        tracking: Tracking | None,
+        *,
+        savepoints: bool,
+    ) -> None:
+        """Write one request's events (the triggers update the view) and tracking."""
+        action = "committing"
+        if savepoints:
+            await self._run(db, "SAVEPOINT request", (), action)
+        try:
+            if events:
+                await self._run_many(db, _INSERT_EVENT, events, action)
+            if tracking is not None:
+                revision = tracking.cursor.revision
+                stored_revision: int | str = (
+                    revision if revision <= _MAX_SQLITE_INT else str(revision)
+                )
+                await self._run(
+                    db,
+                    _UPSERT_TRACKING,
+                    (
+                        _text_to_db(tracking.origin),
+                        _text_to_db(tracking.cursor.epoch),
+                        stored_revision,
+                    ),
+                    action,
+                )
+        except StoreError as exc:
+            # Undo this request alone and let the others commit -- unless there is
+            # no savepoint, or SQLite has already rolled back the whole transaction
+            # (I/O error, disk full): then the batch fails as a whole. (Rows an
+            # executemany wrote before failing stay in the transaction otherwise.)
+            if not savepoints or not db.in_transaction:
+                raise
+            await self._run(db, "ROLLBACK TO request", (), action)
+            await self._run(db, "RELEASE request", (), action)
+            raise _RolledBackRequest(exc) from exc
+        if savepoints:
+            await self._run(db, "RELEASE request", (), action)
+
+    def _plan(
+        self,
+        request: _Commit,
+        rows: Mapping[_Key, _Row | None],
+        tracked: Mapping[str, Cursor],
+        head: int,
+        now: int,
+    ) -> tuple[list[_EventRow], dict[_Key, _Row | None], int]:
+        """Apply *request* to the batch's view of the data, in Python.
+
+        The same rules as :class:`~kds.testing.MemoryStore`, in the same order:
+        tracking first, then each change against the state the earlier changes
+        (of this request and of earlier requests in the batch) left.
+
+        Returns:
+            The event rows to insert, the request's new row state per key (``None``
+            for deleted), and the revision of its last event (*head* if none).
+
+        Raises:
+            ConflictError: an expected version or the tracking cursor does not match.
+            NotFoundError: a delete without ``missing_ok`` names a missing resource.
+        """
+        tracking = request.tracking
+        if tracking is not None:
+            error = self.tracking_conflict(tracking, tracked.get(tracking.origin))
+            if error is not None:
+                raise error
+        local: dict[_Key, _Row | None] = {}
+        events: list[_EventRow] = []
+        append = events.append
+        revision = head
+        for prepared, key in zip(request.changes, request.keys, strict=True):
+            change = prepared.change
+            row = local[key] if key in local else rows.get(key)
+            actual = 0 if row is None else row[2]
+            expected = change.expected_version
+            if expected is not None and expected != actual:
+                check_expected(change.key, expected, actual)
+            if isinstance(change, Delete):
+                if row is None:
+                    if change.missing_ok or expected == 0:
+                        continue
+                    raise NotFoundError(change.key)
+                local[key] = None
+                revision += 1
+                append((revision, *key, actual, row[0], None, None, None))
+                continue
+            labels = cast("bytes", prepared.labels_blob)  # upserts are always encoded
+            spec = cast("bytes", prepared.spec_blob)
+            if row is not None and row[0] == labels and row[1] == spec:
+                continue  # byte-identical: no effect, no event
+            created = now if row is None else row[3]
+            local[key] = (labels, spec, actual + 1, created)
+            revision += 1
+            append((revision, *key, actual + 1, labels, spec, created, now))
+        return events, local, revision
+
+    async def _head_in(self, db: aiosqlite.Connection, action: str) -> int:
+        rows = await self._run(db, "SELECT head FROM meta", (), action)
+        head: int = rows[0][0]
+        return head
+
+    async def _fetch_rows(
+        self, db: aiosqlite.Connection, keys: Collection[_Key]
+    ) -> dict[_Key, _Row | None]:
+        """Read the stored rows of *keys* (missing keys are absent), a few queries in all."""
+        found: dict[_Key, _Row | None] = {}
+        ordered = list(keys)
+        chunk = max(1, _variable_limit() // 3)
+        for start in range(0, len(ordered), chunk):
+            part = ordered[start : start + chunk]
+            # Joining a VALUES list to the primary key probes the index once per key
+            # (a row-value IN over VALUES would scan the whole table). Only the
+            # placeholders are interpolated.
+            sql = (
+                "SELECT r.type, r.mesh, r.name, r.labels, r.spec, r.version, r.created_at "  # noqa: S608
+                f"FROM (VALUES {', '.join(['(?, ?, ?)'] * len(part))}) AS k "
+                "CROSS JOIN resources AS r "
+                "ON r.type = k.column1 AND r.mesh = k.column2 AND r.name = k.column3"
+            )
+            params = [value for key in part for value in key]
+            for t, m, n, labels, spec, version, created in await self._run(
+                db, sql, params, "committing"
+            ):
+                found[(t, m, n)] = (labels, spec, version, created)
+        return found
+
+    async def _fetch_tracking(
+        self, db: aiosqlite.Connection, origins: Collection[str]
+    ) -> dict[str, Cursor]:
+        tracked: dict[str, Cursor] = {}
+        ordered = [_text_to_db(origin) for origin in origins]
+        chunk = _variable_limit()
+        for start in range(0, len(ordered), chunk):
+            part = ordered[start : start + chunk]
+            # Only the placeholders are interpolated.
+            sql = (
+                "SELECT origin, epoch, revision FROM tracking "  # noqa: S608
+                f"WHERE origin IN ({', '.join(['?'] * len(part))})"
+            )
+            for origin, epoch, revision in await self._run(db, sql, part, "committing"):
+                tracked[_text_from_db(origin)] = _cursor_from_db(epoch, revision)
+        return tracked
+
+    async def compact(self, through: int) -> None:
+        self._check_open()
+        if through < 0:  # refused before waiting for any lock
+            raise ValueError(f"through must be within 0..head, got {through}")
+        assert self._writer_db is not None  # noqa: S101 -- set whenever open
+        assert self._write_lock is not None  # noqa: S101 -- set whenever open
+        db = self._writer_db
+        action = "compacting"
+        async with self._write_lock:
+            # Shielded: the writer connection must never be left inside a transaction,
+            # or the next commit could not begin one.
+            with anyio.CancelScope(shield=True):
+                await self._run(db, "BEGIN IMMEDIATE", (), action)
+                try:
+                    rows = await self._run(db, "SELECT head, horizon FROM meta", (), action)
+                    head, horizon = rows[0]
+                    if through < 0 or through > head:
+                        raise ValueError(f"through must be within 0..{head}, got {through}")
+                    if through > horizon:
+                        await self._run(
+                            db, "DELETE FROM events WHERE revision <= ?", (through,), action
+                        )
+                        await self._run(
+                            db, "UPDATE meta SET horizon = ? WHERE id = 1", (through,), action
+                        )
+                    await self._run(db, "COMMIT", (), action)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await db.execute_fetchall("ROLLBACK")
+                    raise
+
+    # -- reads ---------------------------------------------------------------------
+
+    async def head(self) -> int:
+        rows = await self._read("SELECT head FROM meta", (), "reading the head")
+        head: int = rows[0][0]
+        self._saw_head(head)
+        return head
+
+    async def horizon(self) -> int:
+        rows = await self._read("SELECT horizon FROM meta", (), "reading the horizon")
+        horizon: int = rows[0][0]
+        return horizon
+
+    async def get(self, key: ResourceKey) -> Resource:
+        self._check_open()
+        db_key = _db_key(key)
+        if db_key is None:
+            raise NotFoundError(key)
+        rows = await self._read(
+            "SELECT labels, spec, version, created_at, modified_at FROM resources "
+            "WHERE type = ? AND mesh = ? AND name = ?",
+            db_key,
+            "reading a resource",
+        )
+        if not rows:
+            raise NotFoundError(key)
+        labels, spec, version, created, modified = rows[0]
+        return _new_resource(
+            key,
+            _unpackb(labels),
+            _unpackb(spec),
+            version,
+            _from_micros(created),
+            _from_micros(modified),
+        )
+
+    async def list_resources(
+        self,
+        type_name: str | None = None,
+        *,
+        mesh: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> list[Resource]:
+        self._check_open()
+        conditions: list[str] = []
+        params: list[Any] = []
+        if type_name is not None:
+            conditions.append("type = ?")
+            params.append(type_name)
+        if mesh is not None:
+            if mesh == "":
+                return []  # no resource has an empty mesh ('' stands for "no mesh")
+            conditions.append("mesh = ?")
+            params.append(mesh)
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        # Only constant column names and placeholders are interpolated.
+        sql = f"SELECT {_RESOURCE_COLUMNS} FROM resources{where} ORDER BY type, mesh, name"  # noqa: S608
+        rows = await self._read(
+            sql,
+            params,
+            "listing resources",
+        )
+        resources = self._resources(rows)
+        # SQL narrowed by type and mesh; `matches` decides, as in every backend.
+        return [r for r in resources if matches(r, type_name, mesh, labels)]
+
+    async def snapshot(self, types: Collection[str] | None = None) -> Snapshot:
+        self._check_open()
+        action = "taking a snapshot"
+        select = f"SELECT {_RESOURCE_COLUMNS} FROM resources"  # noqa: S608 -- constant
+        order = " ORDER BY type, mesh, name"
+        rows: list[tuple[Any, ...]] = []
+        # The head and the view must come from one read snapshot.
+        async with self._read_transaction(action) as db:
+            head = (await self._run(db, "SELECT head FROM meta", (), action))[0][0]
+            if types is None:
+                rows = await self._run(db, select + order, (), action)
+            else:
+                # Chunks in type order, each in key order: the result is in key order.
+                wanted = sorted(set(types))
+                chunk = _variable_limit()
+                for start in range(0, len(wanted), chunk):
+                    part = wanted[start : start + chunk]
+                    where = f" WHERE type IN ({', '.join(['?'] * len(part))})"
+                    rows.extend(await self._run(db, select + where + order, part, action))
+        self._saw_head(head)
+        return Snapshot(cursor=Cursor(self._epoch, head), resources=self._resources(rows))
+
+    @staticmethod
+    def _resources(rows: Iterable[tuple[Any, ...]]) -> list[Resource]:
+        # The hot loop of every listing; see _Page for the shortcuts.
+        page = _Page()
+        moment, labels_of = page.moment, page.labels
+        resources: list[Resource] = []
+        append = resources.append
+        for t, m, n, labels, spec, version, created, modified in rows:
+            append(
+                _new_resource(
+                    _new_key(t, m or None, n),
+                    labels_of(labels),
+                    _unpackb(spec),
+                    version,
+                    moment(created),
+                    moment(modified),
+                )
+            )
+        return resources
+
+    async def read(self, after: int, *, limit: int = DEFAULT_READ_LIMIT) -> list[Event]:
+        self._check_open()
+        check_read_args(after, limit)
+        action = "reading events"
+        rows = await self._read(_READ_EVENTS, (after, limit), action)
+        if rows:
+            horizon, head = rows[0][0], rows[0][1]
+        else:
+            # No events after `after` in that snapshot. A horizon read now is at
+            # least the one then: if it still allows `after`, nothing was missing.
+            meta = await self._read("SELECT horizon, head FROM meta", (), action)
+            horizon, head = meta[0]
+        self._saw_head(head)
+        if after < horizon:
+            raise CompactedError(after, horizon)
+        return self._events(rows)
+
+    @staticmethod
+    def _events(rows: Iterable[tuple[Any, ...]]) -> list[Event]:
+        # The hot loop of every follower; see _Page for the shortcuts.
+        page = _Page()
+        moment, labels_of = page.moment, page.labels
+        events: list[Event] = []
+        append = events.append
+        for _, _, revision, t, m, n, version, labels, spec, created, modified in rows:
+            key = _new_key(t, m or None, n)
+            if spec is None:
+                append(_new_deleted(revision, key, version, labels_of(labels)))
+            else:
+                resource = _new_resource(
+                    key,
+                    labels_of(labels),
+                    _unpackb(spec),
+                    version,
+                    moment(created),
+                    moment(modified),
+                )
+                append(_new_upserted(revision, resource))
+        return events
+
+    async def tracking(self, origin: str) -> Cursor | None:
+        self._check_open()
+        rows = await self._read(
+            "SELECT epoch, revision FROM tracking WHERE origin = ?",
+            (_text_to_db(origin),),
+            "reading a tracking cursor",
+        )
+        if not rows:
+            return None
+        epoch, revision = rows[0]
+        return _cursor_from_db(epoch, revision)
+
+    async def wait_for_commit(self, after: int) -> None:
+        self._check_open()
+        while self._known_head <= after:
+            if self._changed is None:
+                self._changed = anyio.Event()
+            changed = self._changed
+            # Commits through this instance set the event at once; the timeout is
+            # only for commits by other processes or instances, found by polling.
+            with anyio.move_on_after(self._poll_interval):
+                await changed.wait()
+            self._check_open()
+            if changed.is_set():
+                continue
+            try:
+                await self.head()  # wakes every waiter of this instance if it moved
+            except StoreClosedError:
+                raise
+            except StoreError:
+                return  # a spurious wake-up: the caller's next read reports the problem

@@ -1,0 +1,490 @@
+"""SQLiteStore behaviour beyond the generic Store contract (covered by tests/property)."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from datetime import UTC, datetime
+
+import anyio
+import attrs
+import pytest
+
+from kds import (
+    MUST_NOT_EXIST,
+    Change,
+    ConfigError,
+    ConflictError,
+    Cursor,
+    Delete,
+    Deleted,
+    NotFoundError,
+    Resource,
+    ResourceKey,
+    StoreClosedError,
+    StoreError,
+    StoreUnavailableError,
+    Tracking,
+    Upsert,
+    Upserted,
+)
+from kds_stores import sqlite as sqlite_module
+from kds_stores.sqlite import SCHEMA_VERSION, SQLiteStore
+
+pytestmark = pytest.mark.anyio
+
+DEADLINE = 10  # seconds; generous, only to turn a hang into a failure
+
+
+def dataplane(name: str, mesh: str = "default") -> ResourceKey:
+    return ResourceKey("Dataplane", mesh, name)
+
+
+@pytest.fixture
+def path(tmp_path):
+    return tmp_path / "store.db"
+
+
+@pytest.fixture
+def batch_sizes(monkeypatch):
+    """The number of commit() calls in each transaction the writer applies."""
+    sizes: list[int] = []
+    apply_batch = SQLiteStore._apply_batch
+
+    async def recording(self, batch):
+        sizes.append(len(batch))
+        await apply_batch(self, batch)
+
+    monkeypatch.setattr(SQLiteStore, "_apply_batch", recording)
+    return sizes
+
+
+async def test_data_survives_close_and_reopen(path):
+    mesh = ResourceKey("Mesh", None, "default")
+    async with SQLiteStore(path) as store:
+        epoch = store.epoch
+        await store.commit(
+            [
+                Upsert(key=mesh, labels={"kuma.io/origin": "global"}, spec={"mtls": {}}),
+                Upsert(key=dataplane("a"), spec={"networking": {"address": "10.0.0.1"}}),
+                Upsert(key=dataplane("b")),
+            ],
+            tracking=Tracking("zone-1", Cursor("their-epoch", 7)),
+        )
+        await store.commit([Delete(key=dataplane("b")), Upsert(key=mesh, labels={"x": "y"})])
+        await store.compact(1)
+        view = await store.snapshot()
+        log = await store.read(1)
+
+    async with SQLiteStore(path) as store:
+        assert store.epoch == epoch
+        assert await store.snapshot() == view
+        assert await store.read(1) == log
+        assert await store.head() == 5
+        assert await store.horizon() == 1
+        assert await store.tracking("zone-1") == Cursor("their-epoch", 7)
+        # Timestamps come back exactly, as aware UTC datetimes.
+        resource = await store.get(mesh)
+        assert resource.created_at.tzinfo is UTC
+        assert resource.modified_at >= resource.created_at
+        # And the log continues where it stopped.
+        assert await store.commit([Upsert(key=dataplane("c"))]) == 6
+
+
+async def test_global_keys_are_one_row_each(path):
+    # Global-scoped keys have no mesh. SQLite treats NULLs in a primary key as
+    # distinct, so a naive layout would store the second upsert as a new row.
+    key = ResourceKey("Mesh", None, "default")
+    async with SQLiteStore(path) as store:
+        await store.commit([Upsert(key=key)])
+        await store.commit([Upsert(key=key, labels={"a": "b"})])
+        assert [r.key for r in await store.list_resources()] == [key]
+        assert (await store.get(key)).version == 2
+        # '' stands for "no mesh" inside the database; it is not a mesh name.
+        with pytest.raises(NotFoundError):
+            await store.get(ResourceKey("Mesh", "", "default"))
+        assert await store.list_resources(mesh="") == []
+
+
+async def test_tracking_cursors_store_any_string_and_revision(path):
+    tracking = Tracking("zone\udc80\x00", Cursor("epoch\ud800", 3**50))
+    async with SQLiteStore(path) as store:
+        await store.commit([], tracking=tracking)
+    async with SQLiteStore(path) as store:
+        assert await store.tracking(tracking.origin) == tracking.cursor
+
+
+async def test_concurrent_opens_of_a_new_file_agree_on_one_schema_and_epoch(path):
+    stores = [SQLiteStore(path) for _ in range(4)]
+    async with contextlib.AsyncExitStack() as stack:
+        async with anyio.create_task_group() as group:
+            for store in stores:
+                group.start_soon(stack.enter_async_context, store)
+        assert len({store.epoch for store in stores}) == 1
+        await stores[0].commit([Upsert(key=dataplane("a"))])
+        assert await stores[3].head() == 1
+
+
+async def test_a_newer_schema_version_is_refused(path):
+    async with SQLiteStore(path):
+        pass
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        db.commit()
+    store = SQLiteStore(path)
+    with pytest.raises(ConfigError, match=f"schema version {SCHEMA_VERSION + 1}.*upgrade kds"):
+        await store.open()
+    with pytest.raises(StoreClosedError):
+        await store.head()
+
+
+async def test_a_database_that_is_not_a_kds_store_is_refused(path):
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE other (x)")
+        db.commit()
+    with pytest.raises(ConfigError, match="not a kds store"):
+        await SQLiteStore(path).open()
+
+
+async def test_a_file_that_is_not_a_database_is_refused(path):
+    path.write_bytes(b"definitely not SQLite" * 100)
+    with pytest.raises(ConfigError, match="cannot open"):
+        await SQLiteStore(path).open()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"path": ":memory:"},
+        {"path": ""},
+        {"path": "x.db", "poll_interval": 0},
+        {"path": "x.db", "busy_timeout": -1},
+        {"path": "x.db", "synchronous": "off"},
+    ],
+)
+def test_bad_settings_are_config_errors(kwargs):
+    with pytest.raises(ConfigError):
+        SQLiteStore(**kwargs)
+
+
+async def test_concurrent_commits_each_get_their_own_outcome(path, batch_sizes):
+    # Every commit below is queued in the same moment, so they share transactions.
+    async with SQLiteStore(path) as store:
+        await store.commit(
+            [Upsert(key=dataplane("taken"))], tracking=Tracking("zone-1", Cursor("e", 5))
+        )
+        outcomes: dict[int, int | Exception] = {}
+
+        async def commit(index: int) -> None:
+            tracking = None
+            changes: list[Change]
+            if index % 4 == 1:  # conflict: must not exist, but does
+                changes = [
+                    Upsert(key=dataplane(f"n{index}")),
+                    Upsert(key=dataplane("taken"), expected_version=MUST_NOT_EXIST),
+                ]
+            elif index % 4 == 2:  # not found
+                changes = [Upsert(key=dataplane(f"n{index}")), Delete(key=dataplane("nope"))]
+            elif index % 4 == 3:  # tracking conflict: not past the stored cursor
+                changes = [Upsert(key=dataplane(f"n{index}"))]
+                tracking = Tracking("zone-1", Cursor("e", 5))
+            else:
+                changes = [
+                    Upsert(key=dataplane(f"n{index}")),
+                    Upsert(key=dataplane(f"n{index}"), labels={"second": "write"}),
+                ]
+            try:
+                outcomes[index] = await store.commit(changes, tracking=tracking)
+            except (ConflictError, NotFoundError) as exc:
+                outcomes[index] = exc
+
+        async with anyio.create_task_group() as group:
+            for index in range(40):
+                group.start_soon(commit, index)
+        assert max(batch_sizes) > 1  # they really were group-committed
+
+        for index, outcome in outcomes.items():
+            expected = {0: int, 1: ConflictError, 2: NotFoundError, 3: ConflictError}
+            assert isinstance(outcome, expected[index % 4]), (index, outcome)
+        # The successful commits wrote two events each, densely numbered after the
+        # first commit's, and each caller got the revision of its own last event.
+        events = await store.read(1)
+        assert [event.revision for event in events] == list(range(2, 2 + 2 * 10))
+        for index, outcome in outcomes.items():
+            if isinstance(outcome, int):
+                first, last = events[outcome - 3], events[outcome - 2]
+                assert isinstance(first, Upserted)
+                assert isinstance(last, Upserted)
+                assert first.key == last.key == dataplane(f"n{index}")
+                assert last.resource.version == 2
+        names = sorted(r.key.name for r in await store.list_resources())
+        assert names == sorted(["taken", *(f"n{i}" for i in range(0, 40, 4))])
+        assert await store.head() == 21
+
+
+async def test_a_request_that_fails_inside_sqlite_is_rolled_back_alone(path, batch_sizes):
+    # A trigger refuses one particular row, so the failure happens while writing,
+    # after the request was planned: its savepoint must undo it, and only it.
+    async with SQLiteStore(path):
+        pass
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(
+            "CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.name = 'poison' "
+            "BEGIN SELECT RAISE(ABORT, 'poisoned row'); END"
+        )
+        db.commit()
+    async with SQLiteStore(path) as store:
+        results: dict[str, int | Exception] = {}
+
+        async def commit(name: str, changes: list[Upsert]) -> None:
+            try:
+                results[name] = await store.commit(changes)
+            except StoreError as exc:
+                results[name] = exc
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(commit, "before", [Upsert(key=dataplane("a"))])
+            group.start_soon(
+                commit, "poisoned", [Upsert(key=dataplane("b")), Upsert(key=dataplane("poison"))]
+            )
+            group.start_soon(commit, "after", [Upsert(key=dataplane("c"))])
+        assert batch_sizes == [3]  # one transaction, three savepoints
+
+        assert isinstance(results["poisoned"], StoreError)
+        assert "poisoned row" in str(results["poisoned"])
+        assert (results["before"], results["after"]) == (1, 2)
+        assert [r.key.name for r in await store.list_resources()] == ["a", "c"]
+        assert [e.revision for e in await store.read(0)] == [1, 2]
+
+        # Alone, the same request fails as a whole and leaves nothing behind.
+        with pytest.raises(StoreError, match="poisoned row"):
+            await store.commit([Upsert(key=dataplane("d")), Upsert(key=dataplane("poison"))])
+        assert await store.head() == 2
+        assert await store.find(dataplane("d")) is None
+        assert await store.commit([Upsert(key=dataplane("d"))]) == 3
+
+
+async def test_a_second_instance_sees_commits_by_polling(path):
+    async with (
+        SQLiteStore(path, poll_interval=0.02) as follower,
+        SQLiteStore(path, poll_interval=3600) as writer,
+    ):
+        seen: list[int] = []
+
+        async def follow() -> None:
+            async with contextlib.aclosing(follower.follow(0)) as events:
+                async for event in events:
+                    seen.append(event.revision)
+                    if event.revision == 3:
+                        return
+
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as group:
+                group.start_soon(follow)
+                await anyio.wait_all_tasks_blocked()
+                for name in ("a", "b", "c"):
+                    await writer.commit([Upsert(key=dataplane(name))])
+        assert seen == [1, 2, 3]
+
+
+async def test_commits_through_the_same_instance_wake_waiters_without_polling(path):
+    # Polling once an hour: only the in-process wake-up can end the wait in time.
+    async with SQLiteStore(path, poll_interval=3600) as store:
+        woken = anyio.Event()
+
+        async def wait() -> None:
+            await store.wait_for_commit(0)
+            woken.set()
+
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as group:
+                group.start_soon(wait)
+                await anyio.wait_all_tasks_blocked()
+                assert not woken.is_set()
+                await store.commit([Upsert(key=dataplane("a"))])
+                await woken.wait()
+
+
+async def test_closing_ends_waiters_with_store_closed(path):
+    async with SQLiteStore(path, poll_interval=3600) as store:
+        errors: list[Exception] = []
+
+        async def wait() -> None:
+            try:
+                await store.wait_for_commit(0)
+            except StoreClosedError as exc:
+                errors.append(exc)
+
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as group:
+                group.start_soon(wait)
+                await anyio.wait_all_tasks_blocked()
+                await store.aclose()
+        assert len(errors) == 1
+
+
+async def test_using_a_store_that_is_not_open_raises_store_closed(path):
+    store = SQLiteStore(path)
+    await store.aclose()  # closing a store that was never opened is fine
+
+    async def every_operation() -> None:
+        for operation in (
+            lambda: store.commit([Upsert(key=dataplane("a"))]),
+            lambda: store.compact(0),
+            store.head,
+            store.horizon,
+            store.cursor,
+            lambda: store.get(dataplane("a")),
+            store.list_resources,
+            store.snapshot,
+            lambda: store.read(0),
+            lambda: store.tracking("zone-1"),
+            lambda: store.wait_for_commit(0),
+        ):
+            with pytest.raises(StoreClosedError):
+                await operation()
+        with pytest.raises(StoreClosedError):
+            _ = store.epoch
+
+    await every_operation()
+    async with store:
+        await store.commit([Upsert(key=dataplane("a"))])
+    await every_operation()
+    await store.aclose()  # idempotent
+    async with store:  # and it can be opened again
+        assert await store.head() == 1
+
+
+async def test_a_locked_database_is_unavailable_then_recovers(path):
+    async with SQLiteStore(path, busy_timeout=0.05) as store:
+        await store.commit([Upsert(key=dataplane("a"))])
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            other.execute("BEGIN EXCLUSIVE")
+            with pytest.raises(StoreUnavailableError, match="locked"):
+                await store.commit([Upsert(key=dataplane("b"))])
+            with pytest.raises(StoreUnavailableError, match="locked"):
+                await store.compact(1)
+            # WAL: readers are not blocked by the writer's lock.
+            assert [r.key.name for r in await store.list_resources()] == ["a"]
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        # Nothing of the failed commit happened, and retrying works.
+        assert await store.head() == 1
+        assert await store.commit([Upsert(key=dataplane("b"))]) == 2
+
+
+def test_fast_builders_make_the_same_objects_as_the_constructors():
+    now = datetime.now(UTC)
+    key = sqlite_module._new_key("Dataplane", "default", "a")
+    assert type(key) is ResourceKey
+    assert key == ResourceKey("Dataplane", "default", "a")
+    assert hash(key) == hash(ResourceKey("Dataplane", "default", "a"))
+    resource = sqlite_module._new_resource(key, {"a": "b"}, {"c": [1]}, 3, now, now)
+    assert type(resource) is Resource
+    assert resource == Resource(
+        key=key, labels={"a": "b"}, spec={"c": [1]}, version=3, created_at=now, modified_at=now
+    )
+    assert sqlite_module._new_upserted(4, resource) == Upserted(revision=4, resource=resource)
+    assert sqlite_module._new_deleted(5, key, 3, {"a": "b"}) == Deleted(
+        revision=5, key=key, version=3, labels={"a": "b"}
+    )
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        key.name = "b"  # type: ignore[misc]  # frozen, as ever
+
+
+def test_fast_builders_are_only_used_for_plain_attrs_classes():
+    @attrs.frozen
+    class Plain:
+        a: int
+
+    @attrs.frozen
+    class Checked:
+        a: int = attrs.field(validator=attrs.validators.instance_of(int))
+
+    @attrs.frozen
+    class Hooked:
+        a: int
+
+        def __attrs_post_init__(self) -> None:
+            pass
+
+    assert sqlite_module._slot_setters(Plain, ("a",)) is not None
+    assert sqlite_module._slot_setters(Plain, ("b",)) is None
+    assert sqlite_module._slot_setters(Checked, ("a",)) is None
+    assert sqlite_module._slot_setters(Hooked, ("a",)) is None
+    assert sqlite_module._slot_setters(int, ("a",)) is None
+
+
+async def test_listed_labels_are_not_shared_between_resources(path):
+    # Reads decode each distinct labels blob once per page; the copies they hand
+    # out must still be independent.
+    async with SQLiteStore(path) as store:
+        await store.commit([Upsert(key=dataplane(n), labels={"team": "x"}) for n in "abc"])
+        first, second, _ = await store.list_resources()
+        first.labels["team"] = "changed"  # type: ignore[index]  # it is a plain dict
+        assert second.labels == {"team": "x"}
+        assert (await store.get(dataplane("a"))).labels == {"team": "x"}
+
+
+async def test_statements_stay_under_sqlites_variable_limit(path, monkeypatch):
+    # Pretend SQLite allows 7 parameters per statement: keys (3 each) are looked
+    # up 2 per query, origins and types 7 per query, and nothing changes otherwise.
+    monkeypatch.setattr(sqlite_module, "_variable_limit", lambda: 7)
+    types = ["Dataplane", "Mesh", "MeshTimeout", "Zone"]
+    async with SQLiteStore(path) as store:
+        changes = [Upsert(key=dataplane(f"d{i}")) for i in range(9)]
+        changes += [Upsert(key=ResourceKey("Mesh", None, f"m{i}")) for i in range(3)]
+        await store.commit(changes, tracking=Tracking("zone-1", Cursor("e", 1)))
+        changes = [Upsert(key=dataplane(f"d{i}"), labels={"v": "2"}) for i in range(12)]
+        assert await store.commit(changes, tracking=Tracking("zone-1", Cursor("e", 2))) == 24
+        assert (await store.get(dataplane("d8"))).version == 2
+        assert (await store.get(dataplane("d11"))).version == 1
+        snapshot = await store.snapshot([*types, *(f"T{i}" for i in range(10))])
+        assert [r.key for r in snapshot.resources] == [
+            r.key for r in (await store.snapshot()).resources
+        ]
+        assert len(snapshot.resources) == 15
+
+
+async def test_a_cancelled_read_leaves_the_store_usable(path):
+    async with SQLiteStore(path) as store:
+        await store.commit([Upsert(key=dataplane(f"d{i}")) for i in range(100)])
+        with anyio.fail_after(DEADLINE):
+            for _ in range(5):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(store.snapshot)
+                    group.start_soon(store.read, 0)
+                    await anyio.wait_all_tasks_blocked()
+                    group.cancel_scope.cancel()
+            # Had a read transaction been left open, these would see an old snapshot.
+            revision = await store.commit([Upsert(key=dataplane("new"))])
+            assert await store.head() == revision
+            assert (await store.snapshot()).cursor.revision == revision
+            assert (await store.read(revision - 1))[0].revision == revision
+
+
+async def test_a_cancelled_commit_happened_completely_or_not_at_all(path):
+    async with SQLiteStore(path) as store:
+        with anyio.fail_after(DEADLINE):
+            for round_ in range(5):
+                changes = [Upsert(key=dataplane(f"r{round_}-{i}")) for i in range(50)]
+                async with anyio.create_task_group() as group:
+                    group.start_soon(store.commit, [Upsert(key=dataplane(f"other{round_}"))])
+                    group.start_soon(store.commit, changes)
+                    await anyio.wait_all_tasks_blocked()
+                    group.cancel_scope.cancel()
+                written = await store.list_resources()
+                count = sum(r.key.name.startswith(f"r{round_}-") for r in written)
+                assert count in (0, 50)
+            # And the writer still works.
+            head = await store.head()
+            assert await store.commit([Upsert(key=dataplane("last"))]) == head + 1
+
+
+async def test_a_path_that_cannot_be_opened_is_unavailable(tmp_path):
+    store = SQLiteStore(tmp_path / "missing-directory" / "store.db")
+    with pytest.raises(StoreUnavailableError, match="unable to open"):
+        await store.open()
+    await store.aclose()
