@@ -2,6 +2,15 @@
 
 Third-party backends run the same suite as the built-in ones: build a
 :class:`StoreFactory` for your store and call the checks in :mod:`kds.testing.checks`.
+
+* :mod:`kds.testing.strategies`: Hypothesis strategies for keys, specs, changes,
+  batches and tracking cursors;
+* :mod:`kds.testing.checks`: pytest-free ``check_*`` coroutines, one per promise
+  of the Store contract;
+* :mod:`kds.testing.stateful`: :class:`~kds.testing.stateful.StoreModel`, which
+  compares a store with :class:`MemoryStore` under random operations;
+* :mod:`kds.testing.crash`: a writer process to kill with SIGKILL, and the checks
+  that the store it leaves behind lost, split and repeated no batch.
 """
 
 from kds.testing.factory import StoreFactory as StoreFactory

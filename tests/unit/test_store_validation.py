@@ -29,6 +29,8 @@ MESH = ResourceKey("Mesh", None, "default")
         (Upsert(key=MESH, spec={"mtls": "on"}), "changes[1].spec.mtls"),
         (Upsert(key=MESH, spec={"x": object()}), "changes[1].spec"),
         (Upsert(key=MESH, spec={"x": 2**64}), "changes[1].spec"),
+        # msgpack encodes a nested map with integer keys but cannot decode it again.
+        (Upsert(key=MESH, spec={"x": {1: "y"}}), "changes[1].spec"),
         (Upsert(key=MESH, expected_version=-1), "changes[1].expected_version"),
         (Upsert(key=MESH, expected_version=True), "changes[1].expected_version"),
         (Delete(key=ResourceKey("Mesh", None, "")), "changes[1].key.name"),

@@ -1,0 +1,62 @@
+"""The stores the conformance suite runs against, as session-scoped factories.
+
+A ``@given`` test must not take a store fixture (Hypothesis would reuse one
+function-scoped value for every example), so each test takes a *factory* and
+opens a new, empty store per example in its body. Factories build no loop-bound
+objects (the stateful test opens stores on its own event loop). To add a backend,
+add a ``_<name>_factory`` below and list it in ``FACTORIES`` (and in ``DURABLE``
+if its data survives the process).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from kds.testing import StoreFactory, StoreSpec
+
+
+def _memory_factory(tmp_path_factory: pytest.TempPathFactory) -> StoreFactory:
+    async def new_spec() -> StoreSpec:
+        return StoreSpec("memory")  # every create() is a new, empty MemoryStore
+
+    return StoreFactory("memory", new_spec, durable=False)
+
+
+def _sqlite_factory(tmp_path_factory: pytest.TempPathFactory) -> StoreFactory:
+    directory = tmp_path_factory.mktemp("sqlite")
+    numbers = itertools.count()
+
+    async def new_spec() -> StoreSpec:
+        path = directory / f"store-{next(numbers)}.db"
+        return StoreSpec("sqlite", {"path": str(path), "poll_interval": 0.05})
+
+    return StoreFactory("sqlite", new_spec, durable=True)
+
+
+FACTORIES = {"memory": _memory_factory, "sqlite": _sqlite_factory}
+
+# Backends whose data survives the process. The crash and reopen tests are defined
+# only for these: a MemoryStore cannot outlive a SIGKILL, so no memory parameter is
+# generated for them (it is not skipped; the test does not apply to it).
+DURABLE = ["sqlite"]
+
+
+@pytest.fixture(scope="session", params=list(FACTORIES))
+def store_factory(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> StoreFactory:
+    """Every store backend, each handing out new, empty, isolated stores."""
+    factory: StoreFactory = FACTORIES[request.param](tmp_path_factory)
+    return factory
+
+
+@pytest.fixture(scope="session", params=DURABLE)
+def durable_store_factory(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> StoreFactory:
+    """The durable backends only: stores whose data survives a reopen and a killed process."""
+    factory: StoreFactory = FACTORIES[request.param](tmp_path_factory)
+    assert factory.durable, f"{factory.name} is listed in DURABLE but is not durable"
+    return factory
