@@ -71,9 +71,7 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(datetime, _structure_datetime)
     converter.register_unstructure_hook(datetime, lambda moment: moment.timestamp())
     # Specs are free-form msgpack maps; the resource type's validator checks them.
-    converter.register_structure_hook_func(
-        lambda cls: cls == Mapping[str, Any], _structure_spec
-    )
+    converter.register_structure_hook_func(lambda cls: cls == Mapping[str, Any], _structure_spec)
     configure_tagged_union(
         Upserted | Deleted,
         converter,
@@ -157,17 +155,14 @@ class Codec:
             raise DecodeError(f"expected bytes to decode, got {type(data).__name__}")
         if len(data) > self.max_size:
             raise DecodeError(
-                f"{name} of {len(data)} bytes exceeds the "
-                f"limit of {self.max_size} bytes"
+                f"{name} of {len(data)} bytes exceeds the limit of {self.max_size} bytes"
             )
         try:
             unpacked = msgpack.unpackb(data, raw=False, strict_map_key=True)
         except msgpack.ExtraData as exc:
             raise DecodeError(f"trailing bytes after a {name}: {exc}") from exc
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            raise DecodeError(
-                f"{name} is not valid msgpack: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise DecodeError(f"{name} is not valid msgpack: {type(exc).__name__}: {exc}") from exc
         return self.structure(unpacked, cls)
 
     def decode_event(self, data: bytes) -> Event:

@@ -323,9 +323,7 @@ def validate_labels(labels: object) -> None:
         if not isinstance(name, str) or not name:
             raise ValidationError("labels", f"label names must be non-empty strings: {name!r}")
         if not isinstance(value, str):
-            raise ValidationError(
-                f"labels.{name}", f"must be a string, got {type(value).__name__}"
-            )
+            raise ValidationError(f"labels.{name}", f"must be a string, got {type(value).__name__}")
 
 
 def _fnv64a(data: bytes) -> int:

@@ -337,9 +337,7 @@ class Store(ABC):
 
     # -- writes --------------------------------------------------------------------
 
-    async def commit(
-        self, changes: Sequence[Change], *, tracking: Tracking | None = None
-    ) -> int:
+    async def commit(self, changes: Sequence[Change], *, tracking: Tracking | None = None) -> int:
         """Atomically apply *changes* in order, and record *tracking*, or do nothing.
 
         Changes apply in sequence, so a later change of the same key sees the

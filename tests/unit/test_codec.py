@@ -42,8 +42,9 @@ msgpack_values = st.recursive(
     | st.floats(allow_nan=False)
     | st.text(max_size=10)
     | st.binary(max_size=10),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
 
