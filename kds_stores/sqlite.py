@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import os
 import sqlite3
 import types
@@ -49,7 +50,15 @@ from kds.store import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
+    from collections.abc import (
+        AsyncIterator,
+        Callable,
+        Collection,
+        Iterable,
+        Iterator,
+        Mapping,
+        Sequence,
+    )
 
     from kds.store import PreparedChange, Tracking
 
@@ -84,28 +93,30 @@ _SCHEMA: Final = (
         PRIMARY KEY (type, mesh, name)
     ) WITHOUT ROWID
     """,
-    # spec IS NULL marks a deletion; its labels are the deleted resource's labels.
+    # The log: one msgpack blob per event (see _EVENT_HEADER below). SQLite's row
+    # fetch costs per column, and followers fetch every event, so an event is one
+    # column that one msgpack call decodes, not one column per field.
     """
     CREATE TABLE events (
         revision INTEGER PRIMARY KEY,
-        type TEXT NOT NULL,
-        mesh TEXT NOT NULL,
-        name TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        labels BLOB NOT NULL,
-        spec BLOB,
-        created_at INTEGER,
-        modified_at INTEGER
+        data BLOB NOT NULL
     )
     """,
-    # The view is the fold of the log: every inserted event applies itself to
-    # `resources` in the same statement. One executemany then writes both tables,
-    # which saves binding every row twice from Python, and the view cannot drift
-    # from the log.
+    # Events are written through `changes`, a write-only view: each inserted row is
+    # an event plus the view columns it implies (spec NULL marks a deletion), and
+    # its triggers append the event to `events` and apply it to `resources` in the
+    # same statement. One executemany thus writes both tables, the view cannot
+    # drift from the log, and a commit takes one call to SQLite, not two.
     """
-    CREATE TRIGGER events_apply_upsert AFTER INSERT ON events
+    CREATE VIEW changes (
+        revision, data, type, mesh, name, labels, spec, version, created_at, modified_at
+    ) AS SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE 0
+    """,
+    """
+    CREATE TRIGGER changes_upsert INSTEAD OF INSERT ON changes
     WHEN NEW.spec IS NOT NULL
     BEGIN
+        INSERT INTO events (revision, data) VALUES (NEW.revision, NEW.data);
         INSERT OR REPLACE INTO resources
             (type, mesh, name, labels, spec, version, created_at, modified_at)
         VALUES (NEW.type, NEW.mesh, NEW.name, NEW.labels, NEW.spec, NEW.version,
@@ -113,9 +124,10 @@ _SCHEMA: Final = (
     END
     """,
     """
-    CREATE TRIGGER events_apply_delete AFTER INSERT ON events
+    CREATE TRIGGER changes_delete INSTEAD OF INSERT ON changes
     WHEN NEW.spec IS NULL
     BEGIN
+        INSERT INTO events (revision, data) VALUES (NEW.revision, NEW.data);
         DELETE FROM resources
         WHERE type = NEW.type AND mesh = NEW.mesh AND name = NEW.name;
     END
@@ -134,18 +146,19 @@ _SCHEMA: Final = (
     """,
 )
 
-_INSERT_EVENT: Final = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_CHANGE: Final = "INSERT INTO changes VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _UPSERT_TRACKING: Final = (
     "INSERT OR REPLACE INTO tracking (origin, epoch, revision) VALUES (?, ?, ?)"
 )
 _RESOURCE_COLUMNS: Final = "type, mesh, name, labels, spec, version, created_at, modified_at"
-_EVENT_COLUMNS: Final = "revision, type, mesh, name, version, labels, spec, created_at, modified_at"
-# One statement reads a page of events and the horizon it is valid against: both
-# come from the statement's own read snapshot. (Only constants are interpolated in
-# this and every other SQL string here, never a value: values are bound.)
+# A page of events, returned only if the horizon allows reading after ?1 -- both
+# from the statement's own read snapshot, and the horizon is computed once per
+# statement, not per row. No rows means "no events after ?1" or "compacted":
+# read() tells them apart. (Only constants are interpolated in this and every other
+# SQL string here, never a value: values are bound.)
 _READ_EVENTS: Final = (
-    f"SELECT (SELECT horizon FROM meta), (SELECT head FROM meta), {_EVENT_COLUMNS} "  # noqa: S608
-    "FROM events WHERE revision > ? ORDER BY revision LIMIT ?"
+    "SELECT revision, data FROM events "
+    "WHERE revision > ?1 AND ?1 >= (SELECT horizon FROM meta) ORDER BY revision LIMIT ?2"
 )
 
 _MAX_SQLITE_INT: Final = 2**63 - 1
@@ -157,7 +170,23 @@ _MICROSECOND: Final = timedelta(microseconds=1)
 
 _Key: TypeAlias = tuple[str, str, str]  # (type, mesh or '', name)
 _Row: TypeAlias = tuple[bytes, bytes, int, int]  # (labels, spec, version, created_at)
-_EventRow: TypeAlias = tuple[Any, ...]  # one row of `events`, in column order
+_EventRow: TypeAlias = tuple[int, bytes]  # (revision, data): a row of `events`
+_Change: TypeAlias = tuple[Any, ...]  # a row inserted into `changes`, in column order
+
+# An event's `data` is one msgpack array of eight elements:
+#
+#     [type, mesh, name, version, created_at, modified_at, labels, spec]
+#
+# mesh is nil for a global-scoped key; timestamps are integer microseconds UTC.
+# A deletion has nil timestamps and a nil spec, and the deleted resource's labels.
+# The writer builds it without encoding labels and spec again: it packs the six
+# scalars as an array (a one-byte fixarray header, 0x90 | 6), swaps that header for
+# one counting eight, and appends the labels and spec blobs that Store.commit
+# encoded -- each a complete msgpack value, so the result is one valid array.
+_EVENT_SCALARS: Final = 6
+_EVENT_HEADER: Final = bytes((0x90 | (_EVENT_SCALARS + 2),))  # fixarray, 8 elements
+_NIL: Final = b"\xc0"
+
 _Setter: TypeAlias = "Callable[[Any, Any], None]"
 
 _object_new: Final[Callable[[type[Any]], Any]] = object.__new__
@@ -166,14 +195,15 @@ _unpackb: Final = msgpack.unpackb  # the same decoding as kds.store.unpack_mappi
 
 
 class _Page:
-    """Caches shared by the rows of one page of results.
+    """Caches shared by the rows of one page of listed resources.
 
     Decoding dominates reads, and rows of one page repeat themselves: the rows
     of one commit share their timestamps, and many resources carry the same
     labels. Each distinct value is decoded once per page. Labels are handed out as
     copies (they are flat str -> str maps, so a copy is as independent as a fresh
     decode): no two resources share a mutable mapping. Specs are nested, so a copy
-    would cost as much as decoding; each is decoded on its own.
+    would cost as much as decoding; each is decoded on its own. (Events are decoded
+    whole, labels included: see _events_decoder.)
     """
 
     __slots__ = ("_labels", "_moments")
@@ -320,12 +350,126 @@ def _variable_limit() -> int:
         return min(probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER), _MAX_VARIABLES)
 
 
+def _is_busy(exc: sqlite3.Error) -> bool:
+    """True when *exc* says another connection holds a lock (worth waiting out)."""
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    message = str(exc)
+    return "locked" in message or "busy" in message
+
+
 def _to_micros(moment: datetime) -> int:
     return (moment - _UNIX_EPOCH) // _MICROSECOND
 
 
 def _from_micros(micros: int) -> datetime:
     return _UNIX_EPOCH + timedelta(microseconds=micros)
+
+
+def _events_decoder() -> Callable[[Iterable[_EventRow]], list[Event]]:
+    """The hot loop of every follower: event rows to events.
+
+    One msgpack call decodes a whole event (see _EVENT_HEADER), so each event gets
+    labels and spec of its own. The timestamps of one commit are shared by all its
+    events and converted once per call. When the builders above can fill slots
+    directly, the loop does that itself for upserts (saving three calls per event);
+    otherwise it calls the builders, which are then the constructors.
+    """
+    key_setters = _slot_setters(ResourceKey, ("type", "mesh", "name"))
+    resource_setters = _slot_setters(
+        Resource, ("key", "labels", "spec", "version", "created_at", "modified_at")
+    )
+    upserted_setters = _slot_setters(Upserted, ("revision", "resource"))
+    if key_setters is None or resource_setters is None or upserted_setters is None:
+
+        def decode_with_builders(rows: Iterable[_EventRow]) -> list[Event]:
+            page = _Page()
+            moment = page.moment
+            events: list[Event] = []
+            append = events.append
+            for revision, data in rows:
+                type_name, mesh, name, version, created, modified, labels, spec = _unpackb(data)
+                key = _new_key(type_name, mesh, name)
+                if spec is None:
+                    append(_new_deleted(revision, key, version, labels))
+                    continue
+                resource = _new_resource(
+                    key, labels, spec, version, moment(created), moment(modified)
+                )
+                append(_new_upserted(revision, resource))
+            return events
+
+        return decode_with_builders
+
+    set_type, set_mesh, set_name = key_setters
+    set_key, set_labels, set_spec, set_version, set_created, set_modified = resource_setters
+    set_revision, set_resource = upserted_setters
+    new = _object_new
+    unpackb = _unpackb
+    from_micros = _from_micros
+    new_deleted = _new_deleted
+
+    def decode(rows: Iterable[_EventRow]) -> list[Event]:
+        moments: dict[int, datetime] = {}
+        events: list[Event] = []
+        append = events.append
+        for revision, data in rows:
+            type_name, mesh, name, version, created, modified, labels, spec = unpackb(data)
+            key = new(ResourceKey)
+            set_type(key, type_name)
+            set_mesh(key, mesh)
+            set_name(key, name)
+            if spec is None:
+                append(new_deleted(revision, key, version, labels))
+                continue
+            created_at = moments.get(created)
+            if created_at is None:
+                created_at = moments[created] = from_micros(created)
+            modified_at = moments.get(modified)
+            if modified_at is None:
+                modified_at = moments[modified] = from_micros(modified)
+            resource = new(Resource)
+            set_key(resource, key)
+            set_labels(resource, labels)
+            set_spec(resource, spec)
+            set_version(resource, version)
+            set_created(resource, created_at)
+            set_modified(resource, modified_at)
+            event = new(Upserted)
+            set_revision(event, revision)
+            set_resource(event, resource)
+            append(event)
+        return events
+
+    return decode
+
+
+_decode_events: Final = _events_decoder()
+
+
+@contextlib.contextmanager
+def _collection_paused() -> Iterator[None]:
+    """Hold off the cyclic garbage collector while a page of events is built.
+
+    A page allocates thousands of container objects (events, keys, resources and
+    every dict and list of every spec), none of them garbage, and each 700
+    allocations would otherwise start a collection that walks them again: a third
+    of read time in the benchmark. Pausing for one page (bounded by the read
+    limit) defers that work to a single collection afterwards, the remedy
+    msgpack's documentation gives for bulk unpacking. A collector the application
+    has disabled stays disabled.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _text_to_db(text: str) -> bytes:
@@ -400,9 +544,17 @@ class SQLiteStore(Store):
       listings need no second index; global-scoped keys store mesh ``''``). Labels
       and spec are the msgpack blobs :meth:`~kds.Store.commit` encoded, so the
       no-op rule compares bytes; timestamps are integer microseconds UTC;
-    * ``events``: the log, keyed by revision, each row a full copy of the change
-      (a deletion has no spec). Triggers apply every inserted event to
-      ``resources``, so the view is the fold of the log by construction;
+    * ``events``: the log, keyed by revision, each event one msgpack array in a
+      single ``data`` column: ``[type, mesh, name, version, created_at,
+      modified_at, labels, spec]`` (mesh nil when global; a deletion has nil
+      timestamps and spec, and the labels it had). One column because SQLite's row
+      fetch costs per column and every follower fetches every event: a page of
+      events is two columns per row and one msgpack call per event. The writer
+      splices the labels and spec blobs already encoded into the array, so nothing
+      is encoded twice;
+    * ``changes``: a write-only view through which events are written: its
+      triggers append each event to ``events`` and apply it to ``resources`` in
+      the same statement, so the view is the fold of the log by construction;
     * ``tracking``: the consumer cursor committed for each origin.
 
     Durability: the database runs in WAL mode. Readers see only committed data and
@@ -486,6 +638,9 @@ class SQLiteStore(Store):
         self._lifecycle_lock: anyio.Lock | None = None
         self._write_lock: anyio.Lock | None = None
         self._read_lock: anyio.Lock | None = None
+        # Packs the scalars of every event this instance writes; used only by the
+        # writer task (see _plan).
+        self._packer = msgpack.Packer(use_bin_type=True)
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self._path!r})"
@@ -556,7 +711,7 @@ class SQLiteStore(Store):
             if writer:
                 # Persistent in the file; a no-op once set. Needs a moment's exclusive
                 # access on a new file, which busy_timeout waits for.
-                mode = await db.execute_fetchall("PRAGMA journal_mode = WAL")
+                mode = await self._set_wal(db)
                 if [tuple(row) for row in mode] != [("wal",)]:
                     raise ConfigError(
                         f"{self}: cannot switch {self._path!r} to WAL journal mode "
@@ -564,6 +719,22 @@ class SQLiteStore(Store):
                     )
         except sqlite3.Error as exc:
             raise self._open_error(exc) from exc
+
+    async def _set_wal(self, db: aiosqlite.Connection) -> Iterable[sqlite3.Row]:
+        # Switching a new file to WAL can fail with "database is locked" at once,
+        # without SQLite's busy handler waiting (it refuses to wait where waiting
+        # could deadlock), when several connections open a new file together. Retry
+        # with backoff until busy_timeout, as the busy handler would have.
+        deadline = anyio.current_time() + self._busy_timeout
+        delay = 0.001
+        while True:
+            try:
+                return await db.execute_fetchall("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or anyio.current_time() >= deadline:
+                    raise
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     async def _create_schema(self, db: aiosqlite.Connection) -> None:
         try:
@@ -670,13 +841,9 @@ class SQLiteStore(Store):
     # -- driver calls ----------------------------------------------------------------
 
     def _driver_error(self, exc: sqlite3.Error, action: str) -> StoreError:
-        code = getattr(exc, "sqlite_errorcode", None)
-        primary = code & 0xFF if isinstance(code, int) else None
         message = str(exc)
         if isinstance(exc, sqlite3.OperationalError):
-            if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or (
-                primary is None and ("locked" in message or "busy" in message)
-            ):
+            if _is_busy(exc):
                 return StoreUnavailableError(
                     f"{self} is locked by another connection (waited up to "
                     f"{self._busy_timeout}s) while {action}: {message}"
@@ -829,16 +996,18 @@ class SQLiteStore(Store):
             outcomes: list[tuple[_Commit, int | Exception]] = []
             for request in batch:
                 try:
-                    events, local, revision = self._plan(request, rows, tracked, head, now)
+                    changes, local, revision = self._plan(request, rows, tracked, head, now)
                 except Exception as exc:  # the caller's own error (conflict, not found)
                     # Planning happens before the request writes anything: a conflict
-                    # leaves nothing to roll back.
+                    # leaves nothing to roll back. (Should packing have failed, the
+                    # packer would hold partial output: drop it.)
+                    self._packer.reset()
                     outcomes.append((request, exc))
                     continue
                 tracking = request.tracking
-                if events or tracking is not None:
+                if changes or tracking is not None:
                     try:
-                        await self._write_request(db, events, tracking, savepoints=savepoints)
+                        await self._write_request(db, changes, tracking, savepoints=savepoints)
                     except _RolledBackRequest as failed:
                         outcomes.append((request, failed.error))
                         continue
@@ -867,7 +1036,7 @@ class SQLiteStore(Store):
     async def _write_request(
         self,
         db: aiosqlite.Connection,
-        events: list[_EventRow],
+        changes: list[_Change],
         tracking: Tracking | None,
         *,
         savepoints: bool,
@@ -877,8 +1046,8 @@ class SQLiteStore(Store):
         if savepoints:
             await self._run(db, "SAVEPOINT request", (), action)
         try:
-            if events:
-                await self._run_many(db, _INSERT_EVENT, events, action)
+            if changes:
+                await self._run_many(db, _INSERT_CHANGE, changes, action)
             if tracking is not None:
                 revision = tracking.cursor.revision
                 stored_revision: int | str = (
@@ -914,7 +1083,7 @@ class SQLiteStore(Store):
         tracked: Mapping[str, Cursor],
         head: int,
         now: int,
-    ) -> tuple[list[_EventRow], dict[_Key, _Row | None], int]:
+    ) -> tuple[list[_Change], dict[_Key, _Row | None], int]:
         """Apply *request* to the batch's view of the data, in Python.
 
         The same rules as :class:`~kds.testing.MemoryStore`, in the same order:
@@ -922,8 +1091,9 @@ class SQLiteStore(Store):
         (of this request and of earlier requests in the batch) left.
 
         Returns:
-            The event rows to insert, the request's new row state per key (``None``
-            for deleted), and the revision of its last event (*head* if none).
+            The rows to insert into ``changes``, the request's new row state per key
+            (``None`` for deleted), and the revision of its last event (*head* if
+            none).
 
         Raises:
             ConflictError: an expected version or the tracking cursor does not match.
@@ -935,8 +1105,13 @@ class SQLiteStore(Store):
             if error is not None:
                 raise error
         local: dict[_Key, _Row | None] = {}
-        events: list[_EventRow] = []
-        append = events.append
+        changes: list[_Change] = []
+        append = changes.append
+        # Each event's data (see _EVENT_HEADER): the packed scalars without their own
+        # array header, between the header for eight and the labels and spec blobs.
+        pack = self._packer.pack
+        join = b"".join
+        header = _EVENT_HEADER
         revision = head
         for prepared, key in zip(request.changes, request.keys, strict=True):
             change = prepared.change
@@ -945,6 +1120,7 @@ class SQLiteStore(Store):
             expected = change.expected_version
             if expected is not None and expected != actual:
                 check_expected(change.key, expected, actual)
+            type_name, mesh, name = key
             if isinstance(change, Delete):
                 if row is None:
                     if change.missing_ok or expected == 0:
@@ -952,17 +1128,26 @@ class SQLiteStore(Store):
                     raise NotFoundError(change.key)
                 local[key] = None
                 revision += 1
-                append((revision, *key, actual, row[0], None, None, None))
+                scalars = pack((type_name, mesh or None, name, actual, None, None))
+                data = join((header, scalars[1:], row[0], _NIL))
+                append((revision, data, type_name, mesh, name, None, None, None, None, None))
                 continue
-            labels = cast("bytes", prepared.labels_blob)  # upserts are always encoded
-            spec = cast("bytes", prepared.spec_blob)
-            if row is not None and row[0] == labels and row[1] == spec:
+            labels, spec = prepared.labels_blob, prepared.spec_blob
+            if labels is None or spec is None:  # never: Store.commit encodes every upsert
+                raise StoreError(f"{self}: an upsert arrived without its encoded form")
+            if row is None:
+                created = now
+            elif row[0] == labels and row[1] == spec:
                 continue  # byte-identical: no effect, no event
-            created = now if row is None else row[3]
-            local[key] = (labels, spec, actual + 1, created)
+            else:
+                created = row[3]
+            version = actual + 1
+            local[key] = (labels, spec, version, created)
             revision += 1
-            append((revision, *key, actual + 1, labels, spec, created, now))
-        return events, local, revision
+            scalars = pack((type_name, mesh or None, name, version, created, now))
+            data = join((header, scalars[1:], labels, spec))
+            append((revision, data, type_name, mesh, name, labels, spec, version, created, now))
+        return changes, local, revision
 
     async def _head_in(self, db: aiosqlite.Connection, action: str) -> int:
         rows = await self._run(db, "SELECT head FROM meta", (), action)
@@ -1156,39 +1341,21 @@ class SQLiteStore(Store):
         action = "reading events"
         rows = await self._read(_READ_EVENTS, (after, limit), action)
         if rows:
-            horizon, head = rows[0][0], rows[0][1]
-        else:
-            # No events after `after` in that snapshot. A horizon read now is at
-            # least the one then: if it still allows `after`, nothing was missing.
-            meta = await self._read("SELECT horizon, head FROM meta", (), action)
-            horizon, head = meta[0]
+            # The statement checked the horizon. The last revision read is a head
+            # this snapshot had reached (a lower bound of the head, all that is
+            # needed to wake waiters).
+            self._saw_head(rows[-1][0])
+            with _collection_paused():
+                return _decode_events(rows)
+        # No events after `after`, or `after` is below the horizon. A horizon read
+        # now is at least the one then: if it still allows `after`, nothing was
+        # missing.
+        meta = await self._read("SELECT horizon, head FROM meta", (), action)
+        horizon, head = meta[0]
         self._saw_head(head)
         if after < horizon:
             raise CompactedError(after, horizon)
-        return self._events(rows)
-
-    @staticmethod
-    def _events(rows: Iterable[tuple[Any, ...]]) -> list[Event]:
-        # The hot loop of every follower; see _Page for the shortcuts.
-        page = _Page()
-        moment, labels_of = page.moment, page.labels
-        events: list[Event] = []
-        append = events.append
-        for _, _, revision, t, m, n, version, labels, spec, created, modified in rows:
-            key = _new_key(t, m or None, n)
-            if spec is None:
-                append(_new_deleted(revision, key, version, labels_of(labels)))
-            else:
-                resource = _new_resource(
-                    key,
-                    labels_of(labels),
-                    _unpackb(spec),
-                    version,
-                    moment(created),
-                    moment(modified),
-                )
-                append(_new_upserted(revision, resource))
-        return events
+        return []
 
     async def tracking(self, origin: str) -> Cursor | None:
         self._check_open()

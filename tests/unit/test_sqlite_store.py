@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import sqlite3
 from datetime import UTC, datetime
 
 import anyio
 import attrs
+import msgpack
 import pytest
 
 from kds import (
@@ -223,13 +225,14 @@ async def test_concurrent_commits_each_get_their_own_outcome(path, batch_sizes):
 
 
 async def test_a_request_that_fails_inside_sqlite_is_rolled_back_alone(path, batch_sizes):
-    # A trigger refuses one particular row, so the failure happens while writing,
-    # after the request was planned: its savepoint must undo it, and only it.
+    # A trigger refuses one particular view row, so the failure happens while
+    # writing, after the request was planned and part of it was written: its
+    # savepoint must undo it, and only it.
     async with SQLiteStore(path):
         pass
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.execute(
-            "CREATE TRIGGER poison BEFORE INSERT ON events WHEN NEW.name = 'poison' "
+            "CREATE TRIGGER poison BEFORE INSERT ON resources WHEN NEW.name = 'poison' "
             "BEGIN SELECT RAISE(ABORT, 'poisoned row'); END"
         )
         db.commit()
@@ -428,6 +431,108 @@ async def test_listed_labels_are_not_shared_between_resources(path):
         assert (await store.get(dataplane("a"))).labels == {"team": "x"}
 
 
+async def test_each_event_is_one_plain_msgpack_array(path):
+    # The writer splices the encoded labels and spec after the packed scalars and
+    # rewrites the array header: any msgpack reader must see one eight-element array.
+    mesh = ResourceKey("Mesh", None, "default")
+    origin, spec = {"kuma.io/origin": "global"}, {"networking": {"ports": [1, 2]}}
+    async with SQLiteStore(path) as store:
+        await store.commit(
+            [
+                Upsert(key=mesh, labels=origin, spec={"mtls": {}}),
+                Upsert(key=dataplane("a"), spec=spec),
+            ]
+        )
+        await store.commit([Upsert(key=dataplane("a"), labels={"v": "2"}), Delete(key=mesh)])
+        events = await store.read(0)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        columns = [row[1] for row in db.execute("PRAGMA table_info(events)")]
+        rows = db.execute("SELECT revision, data FROM events ORDER BY revision").fetchall()
+    assert columns == ["revision", "data"]
+
+    def micros(moment: datetime) -> int:
+        return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // sqlite_module._MICROSECOND
+
+    first, third = events[0], events[2]
+    assert isinstance(first, Upserted)
+    assert isinstance(third, Upserted)
+    t1, t2 = micros(first.resource.created_at), micros(third.resource.modified_at)
+    assert [(revision, msgpack.unpackb(data)) for revision, data in rows] == [
+        (1, ["Mesh", None, "default", 1, t1, t1, origin, {"mtls": {}}]),
+        (2, ["Dataplane", "default", "a", 1, t1, t1, {}, spec]),
+        (3, ["Dataplane", "default", "a", 2, t1, t2, {"v": "2"}, {}]),
+        (4, ["Mesh", None, "default", 1, None, None, origin, None]),
+    ]
+
+
+async def test_a_request_that_changes_a_key_several_times_leaves_its_final_state(path):
+    # Every change is an event, applied to the view in order: the view ends at
+    # each key's final state.
+    async with SQLiteStore(path) as store:
+        await store.commit([Upsert(key=dataplane("kept")), Upsert(key=dataplane("gone"))])
+        revision = await store.commit(
+            [
+                Upsert(key=dataplane("kept"), labels={"v": "2"}),
+                Delete(key=dataplane("kept")),
+                Upsert(key=dataplane("kept"), labels={"v": "3"}),
+                Delete(key=dataplane("gone")),
+                Upsert(key=dataplane("gone"), labels={"v": "2"}),
+                Delete(key=dataplane("gone")),
+                Upsert(key=dataplane("new"), labels={"v": "1"}),
+                Upsert(key=dataplane("new"), labels={"v": "2"}),
+                Upsert(key=dataplane("brief")),
+                Delete(key=dataplane("brief")),
+            ]
+        )
+        assert revision == 12
+        view = {r.key.name: (r.version, r.labels) for r in await store.list_resources()}
+        assert view == {"kept": (1, {"v": "3"}), "new": (2, {"v": "2"})}
+        events = await store.read(2)
+        assert [(type(e).__name__, e.key.name) for e in events] == [
+            ("Upserted", "kept"),
+            ("Deleted", "kept"),
+            ("Upserted", "kept"),
+            ("Deleted", "gone"),
+            ("Upserted", "gone"),
+            ("Deleted", "gone"),
+            ("Upserted", "new"),
+            ("Upserted", "new"),
+            ("Upserted", "brief"),
+            ("Deleted", "brief"),
+        ]
+        # Recreating a key starts it afresh, as in every store.
+        recreated = await store.get(dataplane("kept"))
+        assert recreated.created_at == recreated.modified_at
+        # And the next request builds on that state.
+        await store.commit([Upsert(key=dataplane("new"), labels={"v": "3"})])
+        assert (await store.get(dataplane("new"))).version == 3
+
+
+async def test_read_labels_are_not_shared_between_events(path):
+    async with SQLiteStore(path) as store:
+        await store.commit([Upsert(key=dataplane(n), labels={"team": "x"}) for n in "ab"])
+        await store.commit([Delete(key=dataplane("a")), Delete(key=dataplane("b"))])
+        events = await store.read(0)
+    labels = [e.resource.labels if isinstance(e, Upserted) else e.labels for e in events]
+    assert labels == [{"team": "x"}] * 4
+    assert len({id(mapping) for mapping in labels}) == 4
+
+
+async def test_the_event_decoder_without_fast_builders_makes_the_same_events(path, monkeypatch):
+    async with SQLiteStore(path) as store:
+        await store.commit([Upsert(key=dataplane(n), labels={"n": n}) for n in "abc"])
+        await store.commit([Delete(key=dataplane("b")), Upsert(key=dataplane("c"))])
+        await store.commit([Upsert(key=ResourceKey("Mesh", None, "m"), spec={"x": [1]})])
+        events = await store.read(0)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = db.execute("SELECT revision, data FROM events ORDER BY revision").fetchall()
+    monkeypatch.setattr(sqlite_module, "_slot_setters", lambda cls, names: None)
+    slow = sqlite_module._events_decoder()
+    assert slow is not sqlite_module._decode_events
+    assert slow(rows) == events == sqlite_module._decode_events(rows)
+    assert [type(e) for e in slow(rows)] == [type(e) for e in events]
+
+
 async def test_statements_stay_under_sqlites_variable_limit(path, monkeypatch):
     # Pretend SQLite allows 7 parameters per statement: keys (3 each) are looked
     # up 2 per query, origins and types 7 per query, and nothing changes otherwise.
@@ -488,3 +593,17 @@ async def test_a_path_that_cannot_be_opened_is_unavailable(tmp_path):
     with pytest.raises(StoreUnavailableError, match="unable to open"):
         await store.open()
     await store.aclose()
+
+
+async def test_reads_leave_the_garbage_collector_as_they_found_it(path):
+    async with SQLiteStore(path) as store:
+        await store.commit([Upsert(key=dataplane("a"))])
+        assert gc.isenabled()
+        assert len(await store.read(0)) == 1
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            assert len(await store.read(0)) == 1
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
