@@ -18,7 +18,7 @@ import types
 import uuid
 from collections import deque
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, cast, final
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, TypeVar, cast, final
 
 import aiosqlite
 import anyio
@@ -188,6 +188,7 @@ _EVENT_HEADER: Final = bytes((0x90 | (_EVENT_SCALARS + 2),))  # fixarray, 8 elem
 _NIL: Final = b"\xc0"
 
 _Setter: TypeAlias = "Callable[[Any, Any], None]"
+_T = TypeVar("_T")
 
 _object_new: Final[Callable[[type[Any]], Any]] = object.__new__
 
@@ -252,83 +253,23 @@ def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[_Setter, ...] | No
     return tuple(cast("types.MemberDescriptorType", d).__set__ for d in descriptors)
 
 
-def _key_builder() -> Callable[[str, str | None, str], ResourceKey]:
-    setters = _slot_setters(ResourceKey, ("type", "mesh", "name"))
+def _builder(cls: type[_T], names: tuple[str, ...]) -> Callable[..., _T]:
+    """A constructor of *cls* taking its fields *names* positionally.
+
+    It fills the slots directly when :func:`_slot_setters` allows, and is the
+    class's own constructor otherwise.
+    """
+    setters = _slot_setters(cls, names)
     if setters is None:
-        return ResourceKey
-    set_type, set_mesh, set_name = setters
+        return lambda *values: cls(**dict(zip(names, values, strict=True)))
 
-    def new_key(type_name: str, mesh: str | None, name: str) -> ResourceKey:
-        key: ResourceKey = _object_new(ResourceKey)
-        set_type(key, type_name)
-        set_mesh(key, mesh)
-        set_name(key, name)
-        return key
+    def build(*values: Any) -> _T:
+        instance: _T = _object_new(cls)
+        for set_field, value in zip(setters, values, strict=True):
+            set_field(instance, value)
+        return instance
 
-    return new_key
-
-
-def _resource_builder() -> Callable[..., Resource]:
-    names = ("key", "labels", "spec", "version", "created_at", "modified_at")
-    setters = _slot_setters(Resource, names)
-    if setters is None:
-        return lambda *values: Resource(**dict(zip(names, values, strict=True)))
-    set_key, set_labels, set_spec, set_version, set_created, set_modified = setters
-
-    def new_resource(
-        key: ResourceKey,
-        labels: Mapping[str, str],
-        spec: Mapping[str, Any],
-        version: int,
-        created_at: datetime,
-        modified_at: datetime,
-    ) -> Resource:
-        resource: Resource = _object_new(Resource)
-        set_key(resource, key)
-        set_labels(resource, labels)
-        set_spec(resource, spec)
-        set_version(resource, version)
-        set_created(resource, created_at)
-        set_modified(resource, modified_at)
-        return resource
-
-    return new_resource
-
-
-def _upserted_builder() -> Callable[[int, Resource], Upserted]:
-    setters = _slot_setters(Upserted, ("revision", "resource"))
-    if setters is None:
-        return lambda revision, resource: Upserted(revision=revision, resource=resource)
-    set_revision, set_resource = setters
-
-    def new_upserted(revision: int, resource: Resource) -> Upserted:
-        event: Upserted = _object_new(Upserted)
-        set_revision(event, revision)
-        set_resource(event, resource)
-        return event
-
-    return new_upserted
-
-
-def _deleted_builder() -> Callable[[int, ResourceKey, int, Mapping[str, str]], Deleted]:
-    setters = _slot_setters(Deleted, ("revision", "key", "version", "labels"))
-    if setters is None:
-        return lambda revision, key, version, labels: Deleted(
-            revision=revision, key=key, version=version, labels=labels
-        )
-    set_revision, set_key, set_version, set_labels = setters
-
-    def new_deleted(
-        revision: int, key: ResourceKey, version: int, labels: Mapping[str, str]
-    ) -> Deleted:
-        event: Deleted = _object_new(Deleted)
-        set_revision(event, revision)
-        set_key(event, key)
-        set_version(event, version)
-        set_labels(event, labels)
-        return event
-
-    return new_deleted
+    return build
 
 
 # Reads build hundreds of thousands of these frozen attrs objects. Their generated
@@ -337,10 +278,18 @@ def _deleted_builder() -> Callable[[int, ResourceKey, int, Mapping[str, str]], D
 # nothing but that (checked by _slot_setters at import), the builders below fill
 # the slots directly and produce the very same objects (same class, equal, same
 # hash); otherwise they are the ordinary constructors.
-_new_key: Final = _key_builder()
-_new_resource: Final = _resource_builder()
-_new_upserted: Final = _upserted_builder()
-_new_deleted: Final = _deleted_builder()
+_new_key: Final[Callable[[str, str | None, str], ResourceKey]] = _builder(
+    ResourceKey, ("type", "mesh", "name")
+)
+_new_resource: Final[Callable[..., Resource]] = _builder(
+    Resource, ("key", "labels", "spec", "version", "created_at", "modified_at")
+)
+_new_upserted: Final[Callable[[int, Resource], Upserted]] = _builder(
+    Upserted, ("revision", "resource")
+)
+_new_deleted: Final[Callable[[int, ResourceKey, int, Mapping[str, str]], Deleted]] = _builder(
+    Deleted, ("revision", "key", "version", "labels")
+)
 
 
 @functools.cache
