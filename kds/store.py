@@ -25,7 +25,13 @@ import attrs
 import msgpack
 
 from kds.catalog import DEFAULT_CATALOG
-from kds.errors import ConflictError, CursorAheadError, EpochMismatchError, ValidationError
+from kds.errors import (
+    CompactedError,
+    ConflictError,
+    CursorAheadError,
+    EpochMismatchError,
+    ValidationError,
+)
 from kds.resource import Catalog, Resource, ResourceKey, validate_labels
 
 if TYPE_CHECKING:
@@ -545,7 +551,9 @@ class Store(ABC):
         head = await self.head()
         if cursor.revision > head:
             raise CursorAheadError(self.epoch, cursor.revision, head)
-        await self.read(cursor.revision, limit=1)
+        horizon = await self.horizon()
+        if cursor.revision < horizon:
+            raise CompactedError(cursor.revision, horizon)
 
     async def follow(
         self, after: int | Cursor, *, batch_size: int = DEFAULT_READ_LIMIT

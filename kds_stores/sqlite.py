@@ -292,6 +292,12 @@ _new_deleted: Final[Callable[[int, ResourceKey, int, Mapping[str, str]], Deleted
 )
 
 
+def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
+    """*items* in consecutive slices of at most *size* (for statements with many ``?``)."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
 @functools.cache
 def _variable_limit() -> int:
     """The most ``?`` parameters one statement may bind with this SQLite library."""
@@ -1108,10 +1114,7 @@ class SQLiteStore(Store):
     ) -> dict[_Key, _Row | None]:
         """Read the stored rows of *keys* (missing keys are absent), a few queries in all."""
         found: dict[_Key, _Row | None] = {}
-        ordered = list(keys)
-        chunk = max(1, _variable_limit() // 3)
-        for start in range(0, len(ordered), chunk):
-            part = ordered[start : start + chunk]
+        for part in _chunks(list(keys), max(1, _variable_limit() // 3)):
             # Joining a VALUES list to the primary key probes the index once per key
             # (a row-value IN over VALUES would scan the whole table). Only the
             # placeholders are interpolated.
@@ -1133,9 +1136,7 @@ class SQLiteStore(Store):
     ) -> dict[str, Cursor]:
         tracked: dict[str, Cursor] = {}
         ordered = [_text_to_db(origin) for origin in origins]
-        chunk = _variable_limit()
-        for start in range(0, len(ordered), chunk):
-            part = ordered[start : start + chunk]
+        for part in _chunks(ordered, _variable_limit()):
             # Only the placeholders are interpolated.
             sql = (
                 "SELECT origin, epoch, revision FROM tracking "  # noqa: S608
@@ -1161,7 +1162,7 @@ class SQLiteStore(Store):
                 try:
                     rows = await self._run(db, "SELECT head, horizon FROM meta", (), action)
                     head, horizon = rows[0]
-                    if through < 0 or through > head:
+                    if through > head:
                         raise ValueError(f"through must be within 0..{head}, got {through}")
                     if through > horizon:
                         await self._run(
@@ -1195,22 +1196,14 @@ class SQLiteStore(Store):
         if db_key is None:
             raise NotFoundError(key)
         rows = await self._read(
-            "SELECT labels, spec, version, created_at, modified_at FROM resources "
+            f"SELECT {_RESOURCE_COLUMNS} FROM resources "  # noqa: S608 -- constant
             "WHERE type = ? AND mesh = ? AND name = ?",
             db_key,
             "reading a resource",
         )
         if not rows:
             raise NotFoundError(key)
-        labels, spec, version, created, modified = rows[0]
-        return _new_resource(
-            key,
-            _unpackb(labels),
-            _unpackb(spec),
-            version,
-            _from_micros(created),
-            _from_micros(modified),
-        )
+        return self._resources(rows)[0]
 
     async def list_resources(
         self,
@@ -1255,10 +1248,7 @@ class SQLiteStore(Store):
                 rows = await self._run(db, select + order, (), action)
             else:
                 # Chunks in type order, each in key order: the result is in key order.
-                wanted = sorted(set(types))
-                chunk = _variable_limit()
-                for start in range(0, len(wanted), chunk):
-                    part = wanted[start : start + chunk]
+                for part in _chunks(sorted(set(types)), _variable_limit()):
                     where = f" WHERE type IN ({', '.join(['?'] * len(part))})"
                     rows.extend(await self._run(db, select + where + order, part, action))
         self._saw_head(head)
