@@ -8,22 +8,17 @@ WAL, never wait for the writer.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
-import gc
 import os
 import sqlite3
-import types
 import uuid
 from collections import deque
-from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, TypeVar, cast, final
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final, Literal, cast, final
 
 import aiosqlite
 import anyio
-import attrs
-import msgpack
 
 from kds.catalog import DEFAULT_CATALOG
 from kds.errors import (
@@ -34,33 +29,42 @@ from kds.errors import (
     StoreError,
     StoreUnavailableError,
 )
-from kds.resource import Catalog, Resource, ResourceKey
 from kds.store import (
     DEFAULT_READ_LIMIT,
     Cursor,
-    Delete,
-    Deleted,
     Event,
     Snapshot,
-    Store,
-    Upserted,
-    check_expected,
     check_read_args,
     matches,
+)
+from kds_stores._log import (
+    ChangeRow,
+    Commit,
+    DbKey,
+    LogStore,
+    RolledBackRequest,
+    Row,
+    chunks,
+    collection_paused,
+    cursor_from_db,
+    db_key,
+    decode_events,
+    text_from_db,
+    text_to_db,
+    to_micros,
 )
 
 if TYPE_CHECKING:
     from collections.abc import (
         AsyncIterator,
-        Callable,
         Collection,
         Iterable,
-        Iterator,
         Mapping,
         Sequence,
     )
 
-    from kds.store import PreparedChange, Tracking
+    from kds.resource import Catalog, Resource, ResourceKey
+    from kds.store import Tracking
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
@@ -93,7 +97,7 @@ _SCHEMA: Final = (
         PRIMARY KEY (type, mesh, name)
     ) WITHOUT ROWID
     """,
-    # The log: one msgpack blob per event (see _EVENT_HEADER below). SQLite's row
+    # The log: one msgpack blob per event (see EVENT_HEADER below). SQLite's row
     # fetch costs per column, and followers fetch every event, so an event is one
     # column that one msgpack call decodes, not one column per field.
     """
@@ -163,139 +167,6 @@ _READ_EVENTS: Final = (
 
 _MAX_SQLITE_INT: Final = 2**63 - 1
 _MAX_VARIABLES: Final = 30_000  # per statement; SQLite's own limit may be lower
-_MAX_BATCH_CHANGES: Final = 50_000  # changes per group-commit transaction (soft cap)
-
-_UNIX_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND: Final = timedelta(microseconds=1)
-
-_Key: TypeAlias = tuple[str, str, str]  # (type, mesh or '', name)
-_Row: TypeAlias = tuple[bytes, bytes, int, int]  # (labels, spec, version, created_at)
-_EventRow: TypeAlias = tuple[int, bytes]  # (revision, data): a row of `events`
-_Change: TypeAlias = tuple[Any, ...]  # a row inserted into `changes`, in column order
-
-# An event's `data` is one msgpack array of eight elements:
-#
-#     [type, mesh, name, version, created_at, modified_at, labels, spec]
-#
-# mesh is nil for a global-scoped key; timestamps are integer microseconds UTC.
-# A deletion has nil timestamps and a nil spec, and the deleted resource's labels.
-# The writer builds it without encoding labels and spec again: it packs the six
-# scalars as an array (a one-byte fixarray header, 0x90 | 6), swaps that header for
-# one counting eight, and appends the labels and spec blobs that Store.commit
-# encoded -- each a complete msgpack value, so the result is one valid array.
-_EVENT_SCALARS: Final = 6
-_EVENT_HEADER: Final = bytes((0x90 | (_EVENT_SCALARS + 2),))  # fixarray, 8 elements
-_NIL: Final = b"\xc0"
-
-_Setter: TypeAlias = "Callable[[Any, Any], None]"
-_T = TypeVar("_T")
-
-_object_new: Final[Callable[[type[Any]], Any]] = object.__new__
-
-_unpackb: Final = msgpack.unpackb  # the same decoding as kds.store.unpack_mapping
-
-
-class _Page:
-    """Caches shared by the rows of one page of listed resources.
-
-    Decoding dominates reads, and rows of one page repeat themselves: the rows
-    of one commit share their timestamps, and many resources carry the same
-    labels. Each distinct value is decoded once per page. Labels are handed out as
-    copies (they are flat str -> str maps, so a copy is as independent as a fresh
-    decode): no two resources share a mutable mapping. Specs are nested, so a copy
-    would cost as much as decoding; each is decoded on its own. (Events are decoded
-    whole, labels included: see _events_decoder.)
-    """
-
-    __slots__ = ("_labels", "_moments")
-
-    def __init__(self) -> None:
-        self._moments: dict[int, datetime] = {}
-        self._labels: dict[bytes, dict[str, str]] = {}
-
-    def moment(self, micros: int) -> datetime:
-        moment = self._moments.get(micros)
-        if moment is None:
-            moment = self._moments[micros] = _from_micros(micros)
-        return moment
-
-    def labels(self, blob: bytes) -> dict[str, str]:
-        labels = self._labels.get(blob)
-        if labels is None:
-            decoded: dict[str, str] = _unpackb(blob)
-            self._labels[blob] = decoded
-            return decoded
-        return dict(labels)
-
-
-def _slot_setters(cls: type, names: tuple[str, ...]) -> tuple[_Setter, ...] | None:
-    """The slot setters of attrs class *cls*, if filling them is all its __init__ does.
-
-    That is: its fields are exactly *names*, in order, each a plain slot with no
-    validator or converter, and there are no pre/post-init hooks or other slots
-    (such as a cached hash). Otherwise ``None``, and callers use the constructor.
-    """
-    try:
-        fields = attrs.fields(cls)
-    except (TypeError, attrs.exceptions.NotAnAttrsClassError):
-        return None
-    if tuple(field.name for field in fields) != names:
-        return None
-    if any(field.validator is not None or field.converter is not None for field in fields):
-        return None
-    if hasattr(cls, "__attrs_pre_init__") or hasattr(cls, "__attrs_post_init__"):
-        return None
-    if set(getattr(cls, "__slots__", ())) - {*names, "__weakref__"}:
-        return None
-    descriptors = [vars(cls).get(name) for name in names]
-    if not all(isinstance(d, types.MemberDescriptorType) for d in descriptors):
-        return None
-    return tuple(cast("types.MemberDescriptorType", d).__set__ for d in descriptors)
-
-
-def _builder(cls: type[_T], names: tuple[str, ...]) -> Callable[..., _T]:
-    """A constructor of *cls* taking its fields *names* positionally.
-
-    It fills the slots directly when :func:`_slot_setters` allows, and is the
-    class's own constructor otherwise.
-    """
-    setters = _slot_setters(cls, names)
-    if setters is None:
-        return lambda *values: cls(**dict(zip(names, values, strict=True)))
-
-    def build(*values: Any) -> _T:
-        instance: _T = _object_new(cls)
-        for set_field, value in zip(setters, values, strict=True):
-            set_field(instance, value)
-        return instance
-
-    return build
-
-
-# Reads build hundreds of thousands of these frozen attrs objects. Their generated
-# __init__ assigns each field through object.__setattr__ (to get past the frozen
-# guard), a large share of a read's cost after decoding. When __init__ does
-# nothing but that (checked by _slot_setters at import), the builders below fill
-# the slots directly and produce the very same objects (same class, equal, same
-# hash); otherwise they are the ordinary constructors.
-_new_key: Final[Callable[[str, str | None, str], ResourceKey]] = _builder(
-    ResourceKey, ("type", "mesh", "name")
-)
-_new_resource: Final[Callable[..., Resource]] = _builder(
-    Resource, ("key", "labels", "spec", "version", "created_at", "modified_at")
-)
-_new_upserted: Final[Callable[[int, Resource], Upserted]] = _builder(
-    Upserted, ("revision", "resource")
-)
-_new_deleted: Final[Callable[[int, ResourceKey, int, Mapping[str, str]], Deleted]] = _builder(
-    Deleted, ("revision", "key", "version", "labels")
-)
-
-
-def _chunks(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
-    """*items* in consecutive slices of at most *size* (for statements with many ``?``)."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 @functools.cache
@@ -316,177 +187,8 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return "locked" in message or "busy" in message
 
 
-def _to_micros(moment: datetime) -> int:
-    return (moment - _UNIX_EPOCH) // _MICROSECOND
-
-
-def _from_micros(micros: int) -> datetime:
-    return _UNIX_EPOCH + timedelta(microseconds=micros)
-
-
-def _events_decoder() -> Callable[[Iterable[_EventRow]], list[Event]]:
-    """The hot loop of every follower: event rows to events.
-
-    One msgpack call decodes a whole event (see _EVENT_HEADER), so each event gets
-    labels and spec of its own. The timestamps of one commit are shared by all its
-    events and converted once per call. When the builders above can fill slots
-    directly, the loop does that itself for upserts (saving three calls per event);
-    otherwise it calls the builders, which are then the constructors.
-    """
-    key_setters = _slot_setters(ResourceKey, ("type", "mesh", "name"))
-    resource_setters = _slot_setters(
-        Resource, ("key", "labels", "spec", "version", "created_at", "modified_at")
-    )
-    upserted_setters = _slot_setters(Upserted, ("revision", "resource"))
-    if key_setters is None or resource_setters is None or upserted_setters is None:
-
-        def decode_with_builders(rows: Iterable[_EventRow]) -> list[Event]:
-            page = _Page()
-            moment = page.moment
-            events: list[Event] = []
-            append = events.append
-            for revision, data in rows:
-                type_name, mesh, name, version, created, modified, labels, spec = _unpackb(data)
-                key = _new_key(type_name, mesh, name)
-                if spec is None:
-                    append(_new_deleted(revision, key, version, labels))
-                    continue
-                resource = _new_resource(
-                    key, labels, spec, version, moment(created), moment(modified)
-                )
-                append(_new_upserted(revision, resource))
-            return events
-
-        return decode_with_builders
-
-    set_type, set_mesh, set_name = key_setters
-    set_key, set_labels, set_spec, set_version, set_created, set_modified = resource_setters
-    set_revision, set_resource = upserted_setters
-    new = _object_new
-    unpackb = _unpackb
-    from_micros = _from_micros
-    new_deleted = _new_deleted
-
-    def decode(rows: Iterable[_EventRow]) -> list[Event]:
-        moments: dict[int, datetime] = {}
-        events: list[Event] = []
-        append = events.append
-        for revision, data in rows:
-            type_name, mesh, name, version, created, modified, labels, spec = unpackb(data)
-            key = new(ResourceKey)
-            set_type(key, type_name)
-            set_mesh(key, mesh)
-            set_name(key, name)
-            if spec is None:
-                append(new_deleted(revision, key, version, labels))
-                continue
-            created_at = moments.get(created)
-            if created_at is None:
-                created_at = moments[created] = from_micros(created)
-            modified_at = moments.get(modified)
-            if modified_at is None:
-                modified_at = moments[modified] = from_micros(modified)
-            resource = new(Resource)
-            set_key(resource, key)
-            set_labels(resource, labels)
-            set_spec(resource, spec)
-            set_version(resource, version)
-            set_created(resource, created_at)
-            set_modified(resource, modified_at)
-            event = new(Upserted)
-            set_revision(event, revision)
-            set_resource(event, resource)
-            append(event)
-        return events
-
-    return decode
-
-
-_decode_events: Final = _events_decoder()
-
-
-@contextlib.contextmanager
-def _collection_paused() -> Iterator[None]:
-    """Hold off the cyclic garbage collector while a page of events is built.
-
-    A page allocates thousands of container objects (events, keys, resources and
-    every dict and list of every spec), none of them garbage, and each 700
-    allocations would otherwise start a collection that walks them again: a third
-    of read time in the benchmark. Pausing for one page (bounded by the read
-    limit) defers that work to a single collection afterwards, the remedy
-    msgpack's documentation gives for bulk unpacking. A collector the application
-    has disabled stays disabled.
-    """
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
-def _text_to_db(text: str) -> bytes:
-    return text.encode("utf-8", "surrogatepass")
-
-
-def _text_from_db(blob: bytes) -> str:
-    return blob.decode("utf-8", "surrogatepass")
-
-
-def _cursor_from_db(epoch: bytes, revision: int | str) -> Cursor:
-    return Cursor(_text_from_db(epoch), int(revision))
-
-
-def _db_key(key: ResourceKey) -> _Key | None:
-    """The stored form of *key*, or ``None`` when no stored resource can have it."""
-    type_name, mesh, name = key.type, key.mesh, key.name
-    if mesh is None:
-        mesh = ""
-    elif mesh == "":
-        return None  # '' stands for "no mesh" in the database
-    if type(type_name) is not str or type(mesh) is not str or type(name) is not str:
-        return None
-    return (type_name, mesh, name)
-
-
-class _RolledBackRequest(Exception):
-    """A request's writes failed and were rolled back to its savepoint."""
-
-    def __init__(self, error: StoreError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
-class _Commit:
-    """One caller's commit() waiting for the writer task."""
-
-    __slots__ = ("changes", "future", "keys", "tracking")
-
-    def __init__(
-        self,
-        changes: Sequence[PreparedChange],
-        keys: list[_Key],
-        tracking: Tracking | None,
-        future: asyncio.Future[int],
-    ) -> None:
-        self.changes = changes
-        self.keys = keys
-        self.tracking = tracking
-        self.future = future
-
-    def resolve(self, revision: int) -> None:
-        if not self.future.done():
-            self.future.set_result(revision)
-
-    def fail(self, error: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
-
-
 @final
-class SQLiteStore(Store):
+class SQLiteStore(LogStore):
     """A :class:`~kds.Store` in one SQLite database file.
 
     Storage layout (schema version :data:`SCHEMA_VERSION`, kept in ``PRAGMA
@@ -564,38 +266,23 @@ class SQLiteStore(Store):
         busy_timeout: float = 5.0,
         synchronous: Literal["normal", "full"] = "full",
     ) -> None:
-        super().__init__(catalog=catalog)
+        super().__init__(catalog=catalog, poll_interval=poll_interval)
         self._path = os.fspath(path)
         if not self._path or self._path == ":memory:" or self._path.startswith("file::memory:"):
             raise ConfigError(
                 "SQLiteStore needs a database file path: an in-memory database is not "
                 "shared between connections"
             )
-        if not poll_interval > 0:
-            raise ConfigError(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
         if not busy_timeout >= 0:
             raise ConfigError(f"busy_timeout must be >= 0 seconds, got {busy_timeout!r}")
         if synchronous not in ("normal", "full"):
             raise ConfigError(f"synchronous must be 'normal' or 'full', got {synchronous!r}")
-        self._poll_interval = poll_interval
         self._busy_timeout = busy_timeout
         self._synchronous = synchronous
-        self._open = False
-        self._epoch = ""
         self._writer_db: aiosqlite.Connection | None = None
         self._reader_db: aiosqlite.Connection | None = None
-        # The highest head this instance has seen committed; only ever a lower bound
-        # of the real head (other processes may be ahead), used to wake waiters.
-        self._known_head = 0
-        self._changed: anyio.Event | None = None
-        self._queue: deque[_Commit] = deque()
-        self._writer_task: asyncio.Task[None] | None = None
         self._lifecycle_lock: anyio.Lock | None = None
-        self._write_lock: anyio.Lock | None = None
         self._read_lock: anyio.Lock | None = None
-        # Packs the scalars of every event this instance writes; used only by the
-        # writer task (see _plan).
-        self._packer = msgpack.Packer(use_bin_type=True)
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self._path!r})"
@@ -752,19 +439,7 @@ class SQLiteStore(Store):
                 if not self._open:
                     return
                 self._open = False
-                self._wake()  # waiters see the store closed and raise
-                while self._queue:
-                    self._queue.popleft().fail(
-                        StoreClosedError(f"{self} was closed before this commit started")
-                    )
-                # The writer finishes the batch it is applying (its callers get their
-                # real outcome) and stops; a compaction in progress finishes too.
-                if self._writer_task is not None:
-                    await asyncio.wait([self._writer_task])
-                    self._writer_task = None
-                if self._write_lock is not None:
-                    async with self._write_lock:
-                        pass
+                await self._stop_writer()
                 for db in (self._writer_db, self._reader_db):
                     if db is not None:
                         # aiosqlite runs queued operations before closing; later ones
@@ -772,26 +447,6 @@ class SQLiteStore(Store):
                         with contextlib.suppress(Exception):
                             await db.close()
                 self._writer_db = self._reader_db = None
-
-    def _check_open(self) -> None:
-        if not self._open:
-            raise StoreClosedError(f"{self} is not open")
-
-    def _wake(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
-
-    def _saw_head(self, head: int) -> None:
-        """Record a head read from the database; wake waiters if it moved."""
-        if head > self._known_head:
-            self._known_head = head
-            self._wake()
-
-    @property
-    def epoch(self) -> str:
-        self._check_open()
-        return self._epoch
 
     # -- driver calls ----------------------------------------------------------------
 
@@ -864,74 +519,7 @@ class SQLiteStore(Store):
 
     # -- writes --------------------------------------------------------------------
 
-    async def _commit_prepared(
-        self, changes: Sequence[PreparedChange], tracking: Tracking | None
-    ) -> int:
-        self._check_open()
-        keys: list[_Key] = []
-        for prepared in changes:
-            key = prepared.change.key
-            mesh = key.mesh
-            keys.append((key.type, "" if mesh is None else mesh, key.name))
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Commit(changes, keys, tracking, future))
-        if self._writer_task is None or self._writer_task.done():
-            self._writer_task = asyncio.get_running_loop().create_task(
-                self._write_loop(), name=f"{self} writer"
-            )
-        # Cancelling this await cancels the future: a request the writer has not
-        # started yet is then dropped; one it has started commits or not as a whole.
-        return await future
-
-    async def _write_loop(self) -> None:
-        """Apply queued commits, a batch per transaction, until the queue is empty.
-
-        Requests that arrive while a batch is being written wait for the next
-        batch: the busier the store, the more commits share one transaction and
-        one fsync.
-        """
-        assert self._write_lock is not None  # noqa: S101 -- set whenever open
-        while self._queue and self._open:
-            batch: list[_Commit] = []
-            size = 0
-            while self._queue and (not batch or size < _MAX_BATCH_CHANGES):
-                request = self._queue.popleft()
-                if not request.future.done():  # its caller has given up
-                    batch.append(request)
-                    size += len(request.changes)
-            if not batch:
-                continue
-            try:
-                async with self._write_lock:
-                    await self._apply_batch(batch)
-            except BaseException as exc:
-                # Never leave a caller hanging, whatever went wrong.
-                if isinstance(exc, Exception):
-                    for request in batch:
-                        request.fail(self._batch_error(exc))
-                    continue
-                # The writer itself is being cancelled (the event loop is shutting
-                # down): whatever it took or still holds has an unknown outcome.
-                for request in [*batch, *self._queue]:
-                    request.fail(StoreUnavailableError(f"{self}: the commit was interrupted"))
-                self._queue.clear()
-                raise
-
-    def _batch_error(self, exc: Exception) -> StoreError:
-        """A fresh error for each caller of a failed batch (tracebacks stay separate)."""
-        fresh: StoreError
-        if isinstance(exc, StoreUnavailableError):
-            fresh = StoreUnavailableError(str(exc))
-        elif isinstance(exc, StoreClosedError):
-            fresh = StoreClosedError(str(exc))
-        elif isinstance(exc, StoreError):
-            fresh = StoreError(str(exc))
-        else:
-            fresh = StoreError(f"{self}: commit failed: {type(exc).__name__}: {exc}")
-        fresh.__cause__ = exc
-        return fresh
-
-    async def _apply_batch(self, batch: list[_Commit]) -> None:
+    async def _apply_batch(self, batch: list[Commit]) -> None:
         assert self._writer_db is not None  # noqa: S101 -- set whenever open
         db = self._writer_db
         action = "committing"
@@ -944,11 +532,11 @@ class SQLiteStore(Store):
             rows = await self._fetch_rows(db, all_keys)
             origins = {r.tracking.origin for r in batch if r.tracking is not None}
             tracked = await self._fetch_tracking(db, origins)
-            now = _to_micros(datetime.now(UTC))
+            now = to_micros(datetime.now(UTC))
             # A lone request needs no savepoint: rolling back the transaction is
             # rolling back the request.
             savepoints = len(batch) > 1
-            outcomes: list[tuple[_Commit, int | Exception]] = []
+            outcomes: list[tuple[Commit, int | Exception]] = []
             for request in batch:
                 try:
                     changes, local, revision = self._plan(request, rows, tracked, head, now)
@@ -963,7 +551,7 @@ class SQLiteStore(Store):
                 if changes or tracking is not None:
                     try:
                         await self._write_request(db, changes, tracking, savepoints=savepoints)
-                    except _RolledBackRequest as failed:
+                    except RolledBackRequest as failed:
                         outcomes.append((request, failed.error))
                         continue
                 rows.update(local)
@@ -991,7 +579,7 @@ class SQLiteStore(Store):
     async def _write_request(
         self,
         db: aiosqlite.Connection,
-        changes: list[_Change],
+        changes: list[ChangeRow],
         tracking: Tracking | None,
         *,
         savepoints: bool,
@@ -1012,8 +600,8 @@ class SQLiteStore(Store):
                     db,
                     _UPSERT_TRACKING,
                     (
-                        _text_to_db(tracking.origin),
-                        _text_to_db(tracking.cursor.epoch),
+                        text_to_db(tracking.origin),
+                        text_to_db(tracking.cursor.epoch),
                         stored_revision,
                     ),
                     action,
@@ -1027,82 +615,9 @@ class SQLiteStore(Store):
                 raise
             await self._run(db, "ROLLBACK TO request", (), action)
             await self._run(db, "RELEASE request", (), action)
-            raise _RolledBackRequest(exc) from exc
+            raise RolledBackRequest(exc) from exc
         if savepoints:
             await self._run(db, "RELEASE request", (), action)
-
-    def _plan(
-        self,
-        request: _Commit,
-        rows: Mapping[_Key, _Row | None],
-        tracked: Mapping[str, Cursor],
-        head: int,
-        now: int,
-    ) -> tuple[list[_Change], dict[_Key, _Row | None], int]:
-        """Apply *request* to the batch's view of the data, in Python.
-
-        The same rules as :class:`~kds.testing.MemoryStore`, in the same order:
-        tracking first, then each change against the state the earlier changes
-        (of this request and of earlier requests in the batch) left.
-
-        Returns:
-            The rows to insert into ``changes``, the request's new row state per key
-            (``None`` for deleted), and the revision of its last event (*head* if
-            none).
-
-        Raises:
-            ConflictError: an expected version or the tracking cursor does not match.
-            NotFoundError: a delete without ``missing_ok`` names a missing resource.
-        """
-        tracking = request.tracking
-        if tracking is not None:
-            error = self.tracking_conflict(tracking, tracked.get(tracking.origin))
-            if error is not None:
-                raise error
-        local: dict[_Key, _Row | None] = {}
-        changes: list[_Change] = []
-        append = changes.append
-        # Each event's data (see _EVENT_HEADER): the packed scalars without their own
-        # array header, between the header for eight and the labels and spec blobs.
-        pack = self._packer.pack
-        join = b"".join
-        header = _EVENT_HEADER
-        revision = head
-        for prepared, key in zip(request.changes, request.keys, strict=True):
-            change = prepared.change
-            row = local[key] if key in local else rows.get(key)
-            actual = 0 if row is None else row[2]
-            expected = change.expected_version
-            if expected is not None and expected != actual:
-                check_expected(change.key, expected, actual)
-            type_name, mesh, name = key
-            if isinstance(change, Delete):
-                if row is None:
-                    if change.missing_ok or expected == 0:
-                        continue
-                    raise NotFoundError(change.key)
-                local[key] = None
-                revision += 1
-                scalars = pack((type_name, mesh or None, name, actual, None, None))
-                data = join((header, scalars[1:], row[0], _NIL))
-                append((revision, data, type_name, mesh, name, None, None, None, None, None))
-                continue
-            labels, spec = prepared.labels_blob, prepared.spec_blob
-            if labels is None or spec is None:  # never: Store.commit encodes every upsert
-                raise StoreError(f"{self}: an upsert arrived without its encoded form")
-            if row is None:
-                created = now
-            elif row[0] == labels and row[1] == spec:
-                continue  # byte-identical: no effect, no event
-            else:
-                created = row[3]
-            version = actual + 1
-            local[key] = (labels, spec, version, created)
-            revision += 1
-            scalars = pack((type_name, mesh or None, name, version, created, now))
-            data = join((header, scalars[1:], labels, spec))
-            append((revision, data, type_name, mesh, name, labels, spec, version, created, now))
-        return changes, local, revision
 
     async def _head_in(self, db: aiosqlite.Connection, action: str) -> int:
         rows = await self._run(db, "SELECT head FROM meta", (), action)
@@ -1110,11 +625,11 @@ class SQLiteStore(Store):
         return head
 
     async def _fetch_rows(
-        self, db: aiosqlite.Connection, keys: Collection[_Key]
-    ) -> dict[_Key, _Row | None]:
+        self, db: aiosqlite.Connection, keys: Collection[DbKey]
+    ) -> dict[DbKey, Row | None]:
         """Read the stored rows of *keys* (missing keys are absent), a few queries in all."""
-        found: dict[_Key, _Row | None] = {}
-        for part in _chunks(list(keys), max(1, _variable_limit() // 3)):
+        found: dict[DbKey, Row | None] = {}
+        for part in chunks(list(keys), max(1, _variable_limit() // 3)):
             # Joining a VALUES list to the primary key probes the index once per key
             # (a row-value IN over VALUES would scan the whole table). Only the
             # placeholders are interpolated.
@@ -1135,15 +650,15 @@ class SQLiteStore(Store):
         self, db: aiosqlite.Connection, origins: Collection[str]
     ) -> dict[str, Cursor]:
         tracked: dict[str, Cursor] = {}
-        ordered = [_text_to_db(origin) for origin in origins]
-        for part in _chunks(ordered, _variable_limit()):
+        ordered = [text_to_db(origin) for origin in origins]
+        for part in chunks(ordered, _variable_limit()):
             # Only the placeholders are interpolated.
             sql = (
                 "SELECT origin, epoch, revision FROM tracking "  # noqa: S608
                 f"WHERE origin IN ({', '.join(['?'] * len(part))})"
             )
             for origin, epoch, revision in await self._run(db, sql, part, "committing"):
-                tracked[_text_from_db(origin)] = _cursor_from_db(epoch, revision)
+                tracked[text_from_db(origin)] = cursor_from_db(epoch, revision)
         return tracked
 
     async def compact(self, through: int) -> None:
@@ -1192,13 +707,13 @@ class SQLiteStore(Store):
 
     async def get(self, key: ResourceKey) -> Resource:
         self._check_open()
-        db_key = _db_key(key)
-        if db_key is None:
+        stored_key = db_key(key)
+        if stored_key is None:
             raise NotFoundError(key)
         rows = await self._read(
             f"SELECT {_RESOURCE_COLUMNS} FROM resources "  # noqa: S608 -- constant
             "WHERE type = ? AND mesh = ? AND name = ?",
-            db_key,
+            stored_key,
             "reading a resource",
         )
         if not rows:
@@ -1248,31 +763,11 @@ class SQLiteStore(Store):
                 rows = await self._run(db, select + order, (), action)
             else:
                 # Chunks in type order, each in key order: the result is in key order.
-                for part in _chunks(sorted(set(types)), _variable_limit()):
+                for part in chunks(sorted(set(types)), _variable_limit()):
                     where = f" WHERE type IN ({', '.join(['?'] * len(part))})"
                     rows.extend(await self._run(db, select + where + order, part, action))
         self._saw_head(head)
         return Snapshot(cursor=Cursor(self._epoch, head), resources=self._resources(rows))
-
-    @staticmethod
-    def _resources(rows: Iterable[tuple[Any, ...]]) -> list[Resource]:
-        # The hot loop of every listing; see _Page for the shortcuts.
-        page = _Page()
-        moment, labels_of = page.moment, page.labels
-        resources: list[Resource] = []
-        append = resources.append
-        for t, m, n, labels, spec, version, created, modified in rows:
-            append(
-                _new_resource(
-                    _new_key(t, m or None, n),
-                    labels_of(labels),
-                    _unpackb(spec),
-                    version,
-                    moment(created),
-                    moment(modified),
-                )
-            )
-        return resources
 
     async def read(self, after: int, *, limit: int = DEFAULT_READ_LIMIT) -> list[Event]:
         self._check_open()
@@ -1284,8 +779,8 @@ class SQLiteStore(Store):
             # this snapshot had reached (a lower bound of the head, all that is
             # needed to wake waiters).
             self._saw_head(rows[-1][0])
-            with _collection_paused():
-                return _decode_events(rows)
+            with collection_paused():
+                return decode_events(rows)
         # No events after `after`, or `after` is below the horizon. A horizon read
         # now is at least the one then: if it still allows `after`, nothing was
         # missing.
@@ -1300,30 +795,10 @@ class SQLiteStore(Store):
         self._check_open()
         rows = await self._read(
             "SELECT epoch, revision FROM tracking WHERE origin = ?",
-            (_text_to_db(origin),),
+            (text_to_db(origin),),
             "reading a tracking cursor",
         )
         if not rows:
             return None
         epoch, revision = rows[0]
-        return _cursor_from_db(epoch, revision)
-
-    async def wait_for_commit(self, after: int) -> None:
-        self._check_open()
-        while self._known_head <= after:
-            if self._changed is None:
-                self._changed = anyio.Event()
-            changed = self._changed
-            # Commits through this instance set the event at once; the timeout is
-            # only for commits by other processes or instances, found by polling.
-            with anyio.move_on_after(self._poll_interval):
-                await changed.wait()
-            self._check_open()
-            if changed.is_set():
-                continue
-            try:
-                await self.head()  # wakes every waiter of this instance if it moved
-            except StoreClosedError:
-                raise
-            except StoreError:
-                return  # a spurious wake-up: the caller's next read reports the problem
+        return cursor_from_db(epoch, revision)

@@ -30,6 +30,7 @@ from kds import (
     Upsert,
     Upserted,
 )
+from kds_stores import _log as log_module
 from kds_stores import sqlite as sqlite_module
 from kds_stores.sqlite import SCHEMA_VERSION, SQLiteStore
 
@@ -380,17 +381,17 @@ async def test_a_locked_database_is_unavailable_then_recovers(path):
 
 def test_fast_builders_make_the_same_objects_as_the_constructors():
     now = datetime.now(UTC)
-    key = sqlite_module._new_key("Dataplane", "default", "a")
+    key = log_module.new_key("Dataplane", "default", "a")
     assert type(key) is ResourceKey
     assert key == ResourceKey("Dataplane", "default", "a")
     assert hash(key) == hash(ResourceKey("Dataplane", "default", "a"))
-    resource = sqlite_module._new_resource(key, {"a": "b"}, {"c": [1]}, 3, now, now)
+    resource = log_module.new_resource(key, {"a": "b"}, {"c": [1]}, 3, now, now)
     assert type(resource) is Resource
     assert resource == Resource(
         key=key, labels={"a": "b"}, spec={"c": [1]}, version=3, created_at=now, modified_at=now
     )
-    assert sqlite_module._new_upserted(4, resource) == Upserted(revision=4, resource=resource)
-    assert sqlite_module._new_deleted(5, key, 3, {"a": "b"}) == Deleted(
+    assert log_module.new_upserted(4, resource) == Upserted(revision=4, resource=resource)
+    assert log_module.new_deleted(5, key, 3, {"a": "b"}) == Deleted(
         revision=5, key=key, version=3, labels={"a": "b"}
     )
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
@@ -413,11 +414,11 @@ def test_fast_builders_are_only_used_for_plain_attrs_classes():
         def __attrs_post_init__(self) -> None:
             pass
 
-    assert sqlite_module._slot_setters(Plain, ("a",)) is not None
-    assert sqlite_module._slot_setters(Plain, ("b",)) is None
-    assert sqlite_module._slot_setters(Checked, ("a",)) is None
-    assert sqlite_module._slot_setters(Hooked, ("a",)) is None
-    assert sqlite_module._slot_setters(int, ("a",)) is None
+    assert log_module.slot_setters(Plain, ("a",)) is not None
+    assert log_module.slot_setters(Plain, ("b",)) is None
+    assert log_module.slot_setters(Checked, ("a",)) is None
+    assert log_module.slot_setters(Hooked, ("a",)) is None
+    assert log_module.slot_setters(int, ("a",)) is None
 
 
 async def test_listed_labels_are_not_shared_between_resources(path):
@@ -451,7 +452,7 @@ async def test_each_event_is_one_plain_msgpack_array(path):
     assert columns == ["revision", "data"]
 
     def micros(moment: datetime) -> int:
-        return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // sqlite_module._MICROSECOND
+        return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // log_module.MICROSECOND
 
     first, third = events[0], events[2]
     assert isinstance(first, Upserted)
@@ -526,10 +527,10 @@ async def test_the_event_decoder_without_fast_builders_makes_the_same_events(pat
         events = await store.read(0)
     with contextlib.closing(sqlite3.connect(path)) as db:
         rows = db.execute("SELECT revision, data FROM events ORDER BY revision").fetchall()
-    monkeypatch.setattr(sqlite_module, "_slot_setters", lambda cls, names: None)
-    slow = sqlite_module._events_decoder()
-    assert slow is not sqlite_module._decode_events
-    assert slow(rows) == events == sqlite_module._decode_events(rows)
+    monkeypatch.setattr(log_module, "slot_setters", lambda cls, names: None)
+    slow = log_module.events_decoder()
+    assert slow is not log_module.decode_events
+    assert slow(rows) == events == log_module.decode_events(rows)
     assert [type(e) for e in slow(rows)] == [type(e) for e in events]
 
 
