@@ -441,6 +441,42 @@ class Store(ABC):
     ) -> int:
         """Apply validated *changes* atomically; see :meth:`commit`."""
 
+    async def delete_labelled(self, labels: Mapping[str, str], *, attempts: int = 10) -> int:
+        """Delete every resource that carries all of *labels*, in one commit.
+
+        The cascade a zone's removal needs (``kuma.io/zone=<name>`` across every
+        type): one transaction, one batch of delete events. Each delete expects the
+        version just listed, so a resource changed meanwhile makes the commit fail
+        as a whole and the listing is taken again, up to *attempts* times.
+
+        Args:
+            labels: the labels to match; at least one (an empty filter would match
+                every resource).
+            attempts: listings to try before giving up on a store that keeps changing.
+
+        Returns:
+            The revision of the last delete event, or the head when nothing matched.
+
+        Raises:
+            ValueError: *labels* is empty.
+            ConflictError: the matching resources kept changing for *attempts* tries.
+        """
+        if not labels:
+            raise ValueError("labels must not be empty: that would delete every resource")
+        for _ in range(attempts):
+            deletes = [
+                Delete(key=resource.key, expected_version=resource.version)
+                for resource in await self.list_resources(labels=labels)
+            ]
+            try:
+                return await self.commit(deletes)
+            except ConflictError:
+                continue  # changed under us: list again
+        raise ConflictError(
+            f"{self}: resources labelled {dict(labels)!r} kept changing; "
+            f"gave up after {attempts} attempts"
+        )
+
     @abstractmethod
     async def compact(self, through: int) -> None:
         """Drop the events with revision <= *through*; the view is unchanged.

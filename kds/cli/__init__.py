@@ -1,0 +1,1 @@
+"""Command-line programs: ``kds-cp`` (the control plane)."""
