@@ -46,7 +46,7 @@ from kds_stores._log import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 
     from asyncpg.pool import PoolConnectionProxy
 
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from kds.store import Event
 
 __all__ = [
+    "LISTENER_APPLICATION_NAME",
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "Migration",
@@ -204,7 +205,7 @@ class PostgresSettings:
             return _NoSniContext.adopt(context)
         return context
 
-    def _connect_kwargs(self) -> dict[str, Any]:
+    def _connect_kwargs(self, application_name: str = "kds") -> dict[str, Any]:
         ssl_context = self.ssl_context()
         return {
             "host": self.host,
@@ -215,6 +216,8 @@ class PostgresSettings:
             "ssl": ssl_context if ssl_context is not None else False,
             "timeout": self.connect_timeout,
             "command_timeout": self.command_timeout,
+            # Shown in pg_stat_activity, so an operator can tell kds's connections apart.
+            "server_settings": {"application_name": application_name},
         }
 
 
@@ -329,6 +332,12 @@ CREATE TABLE IF NOT EXISTS {schema}.kds_schema_migrations (
 """
 
 
+# OpenSSL's verify codes for a certificate that is valid but names another host
+# (X509_V_ERR_HOSTNAME_MISMATCH, _EMAIL_MISMATCH, _IP_ADDRESS_MISMATCH): a CA hint
+# would send the operator the wrong way.
+_NAME_MISMATCH: Final = frozenset({62, 63, 64})
+
+
 def _connect_error(settings: PostgresSettings, exc: BaseException, action: str) -> KdsStoreError:
     """Translate a failure to connect or to run a statement into a kds error."""
     where = settings.address
@@ -339,14 +348,18 @@ def _connect_error(settings: PostgresSettings, exc: BaseException, action: str) 
     if isinstance(exc, asyncpg.InvalidCatalogNameError):
         return ConfigError(f"postgres database at {where} does not exist: {exc}")
     if isinstance(exc, ssl.SSLCertVerificationError):
-        hint = (
-            "set ca_file to the CA that signed it"
-            if settings.tls_mode in ("verifyCa", "verifyFull")
-            else "check tls_mode"
-        )
+        if exc.verify_code in _NAME_MISMATCH:
+            hint = (
+                f"it does not name host {settings.host!r}: set host to a name the "
+                "certificate has, or use tls_mode verifyCa"
+            )
+        elif settings.tls_mode in ("verifyCa", "verifyFull"):
+            hint = "set ca_file to the CA that signed it"
+        else:
+            hint = "check tls_mode"
         return ConfigError(
             f"postgres server certificate at {where} cannot be verified "
-            f"(tls_mode {settings.tls_mode}): {exc.verify_message}; {hint}"
+            f"(tls_mode {settings.tls_mode}): {exc.verify_message.rstrip('.')}; {hint}"
         )
     if isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc):
         return ConfigError(
@@ -363,10 +376,7 @@ def _connect_error(settings: PostgresSettings, exc: BaseException, action: str) 
         return StoreError(f"postgres at {where} failed while {action}: {exc}")
     if isinstance(
         exc,
-        OSError
-        | asyncio.TimeoutError
-        | asyncpg.InterfaceError
-        | asyncpg.ConnectionDoesNotExistError,
+        OSError | asyncio.TimeoutError | asyncpg.InterfaceError | asyncpg.InternalClientError,
     ):
         return StoreUnavailableError(
             f"postgres at {where} is unreachable while {action}: "
@@ -377,19 +387,36 @@ def _connect_error(settings: PostgresSettings, exc: BaseException, action: str) 
 
 KdsStoreError: TypeAlias = StoreError | ConfigError
 
+# Everything asyncpg raises. InternalClientError means the connection's protocol
+# state is broken (typically a connection lost mid-operation).
 _RETRYABLE_DRIVER_ERRORS: Final = (
     OSError,
     asyncio.TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
 )
 
 
-async def _connect(settings: PostgresSettings, action: str) -> asyncpg.Connection:
+def _connection_lost(exc: BaseException) -> bool:
+    """True when *exc* leaves the connection unusable (as opposed to a refused statement)."""
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = getattr(exc, "sqlstate", "") or ""
+        return isinstance(exc, asyncpg.PostgresConnectionError) or sqlstate[:2] in ("08", "57")
+    return isinstance(
+        exc, OSError | asyncio.TimeoutError | asyncpg.InterfaceError | asyncpg.InternalClientError
+    )
+
+
+async def _connect(
+    settings: PostgresSettings, action: str, application_name: str = "kds"
+) -> asyncpg.Connection:
     if settings.tls_mode == "disable" and settings.host not in ("127.0.0.1", "::1", "localhost"):
         _log.warning("postgres at %s: connecting without TLS (tls_mode disable)", settings.address)
     try:
-        connection: asyncpg.Connection = await asyncpg.connect(**settings._connect_kwargs())
+        connection: asyncpg.Connection = await asyncpg.connect(
+            **settings._connect_kwargs(application_name)
+        )
     except (*_RETRYABLE_DRIVER_ERRORS, ssl.SSLError) as exc:
         raise _connect_error(settings, exc, action) from exc
     return connection
@@ -487,6 +514,8 @@ def _newer_schema(settings: PostgresSettings, version: int) -> ConfigError:
 _DbKey: TypeAlias = tuple[str, str, str]
 _Row: TypeAlias = tuple[bytes, bytes, int, int]
 _RESOURCE_COLUMNS: Final = "type, mesh, name, labels, spec, version, created_at, modified_at"
+LISTENER_APPLICATION_NAME: Final = "kds-listen"
+"""``application_name`` of the connection a store LISTENs on (see pg_stat_activity)."""
 _LOOPBACK_RETRY: Final = 0.05  # first pause before reconnecting the listener, seconds
 
 
@@ -565,6 +594,10 @@ class PostgresStore(LogStore):
         self._listener_task: asyncio.Task[None] | None = None
         self._listening = False
         self._lifecycle_lock: anyio.Lock | None = None
+        # Awaited inside each commit transaction, after its writes and before COMMIT.
+        # Only tests set it: holding transactions open is how they show that a
+        # slow commit cannot be overtaken by a later revision.
+        self._before_commit: Callable[[], Awaitable[None]] | None = None
         schema = _quote(settings.schema)
         self._channel = _channel(settings.schema)
         self._sql = _Statements(schema)
@@ -658,7 +691,9 @@ class PostgresStore(LogStore):
         while self._open:
             connection: asyncpg.Connection | None = None
             try:
-                connection = await _connect(self.settings, "listening for commits")
+                connection = await _connect(
+                    self.settings, "listening for commits", LISTENER_APPLICATION_NAME
+                )
                 lost = asyncio.Event()
                 connection.add_termination_listener(functools.partial(_set_event, lost))
                 await connection.add_listener(self._channel, self._on_notify)
@@ -699,11 +734,24 @@ class PostgresStore(LogStore):
         assert pool is not None  # noqa: S101 -- set whenever open
         try:
             async with pool.acquire(timeout=self.settings.connect_timeout) as connection:
-                yield connection
+                try:
+                    yield connection
+                except _RETRYABLE_DRIVER_ERRORS as exc:
+                    if _connection_lost(exc):
+                        # Dropped, not returned: resetting a broken connection for
+                        # reuse would fail in turn.
+                        connection.terminate()
+                    raise
         except (*_RETRYABLE_DRIVER_ERRORS, ssl.SSLError) as exc:
             if not self._open:
                 raise StoreClosedError(f"{self} was closed while {action}") from exc
-            raise _connect_error(self.settings, exc, action) from exc
+            error = _connect_error(self.settings, exc, action)
+            if isinstance(error, StoreUnavailableError):
+                # The server may have restarted: every pooled connection is likely
+                # dead. Have the pool replace them all rather than fail once per
+                # stale connection.
+                await pool.expire_connections()
+            raise error from exc
 
     async def _fetch(self, sql: str, *args: Any, action: str) -> list[asyncpg.Record]:
         async with self._connection(action) as connection:
@@ -757,6 +805,8 @@ class PostgresStore(LogStore):
                         *_write_args(events, final, final_tracking, now, head, start),
                         self._channel,
                     )
+                if self._before_commit is not None:
+                    await self._before_commit()
                 await transaction.commit()
             except BaseException:
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
@@ -976,7 +1026,8 @@ class _Statements:
                 ON CONFLICT (origin) DO UPDATE SET
                     epoch = EXCLUDED.epoch, revision = EXCLUDED.revision
             ), bumped AS (
-                UPDATE {s}.kds_meta SET head = $17::bigint WHERE id = 1 AND $17::bigint <> $18::bigint
+                UPDATE {s}.kds_meta SET head = $17::bigint
+                WHERE id = 1 AND $17::bigint <> $18::bigint
                 RETURNING head
             )
             SELECT pg_notify($19::text, head::text) FROM bumped

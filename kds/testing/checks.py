@@ -46,6 +46,7 @@ from kds.store import (
     Change,
     Cursor,
     Delete,
+    Deleted,
     Event,
     Store,
     Tracking,
@@ -73,6 +74,7 @@ __all__ = [
     "check_compaction_overtakes_follower",
     "check_conflict_writes_nothing",
     "check_cursors",
+    "check_delete_labelled",
     "check_follow_concurrent",
     "check_invalid_tracking_writes_nothing",
     "check_invalid_writes_nothing",
@@ -812,6 +814,47 @@ async def check_cursors(factory: StoreFactory) -> None:
 
 
 # -- tracking -----------------------------------------------------------------------
+
+
+async def check_delete_labelled(
+    factory: StoreFactory, setup: Sequence[Sequence[Change]], labels: Mapping[str, str]
+) -> None:
+    """:meth:`~kds.store.Store.delete_labelled` removes exactly the matching resources at once.
+
+    After arbitrary setup batches, deleting by *labels* leaves the view minus every
+    resource carrying all of them, as one contiguous run of delete events (one
+    commit) right after the old head, one per removed resource; with nothing to
+    remove it returns the head and writes nothing. An empty filter is refused
+    and changes nothing.
+    """
+    async with await factory.create() as store:
+        model = MemoryStore()
+        async with model:
+            await _setup(store, model, setup)
+        before = await capture(store)
+        with raises(ValueError, "delete_labelled with no labels"):
+            await store.delete_labelled({})
+        _equal(await capture(store), before, "state after a refused delete_labelled({})")
+        doomed = {
+            resource.key
+            for resource in await store.list_resources()
+            if all(resource.labels.get(name) == value for name, value in labels.items())
+        }
+        revision = await store.delete_labelled(labels)
+        _equal(revision, before.head + len(doomed), "revision returned by delete_labelled")
+        events = await read_all(store, before.head)
+        _equal(
+            [event.revision for event in events],
+            list(range(before.head + 1, revision + 1)),
+            "revisions of the delete events",
+        )
+        _check(all(isinstance(e, Deleted) for e in events), "delete_labelled wrote non-deletes")
+        _equal({event.key for event in events}, doomed, "keys deleted")
+        _equal(
+            view_content(await store.list_resources()),
+            [content for content in before.view if content[0] not in doomed],
+            "view after delete_labelled",
+        )
 
 
 async def check_tracking_basics(factory: StoreFactory) -> None:

@@ -98,6 +98,18 @@ async def test_foreign_and_future_cursors_are_refused(store_factory):
     await checks.check_cursors(store_factory)
 
 
+@given(
+    setup=setups,
+    labels=st.dictionaries(
+        st.sampled_from(kst.LABEL_NAMES), st.sampled_from(kst.LABEL_VALUES), min_size=1, max_size=2
+    ),
+)
+async def test_delete_labelled_removes_exactly_the_matches_in_one_commit(
+    store_factory, setup, labels
+):
+    await checks.check_delete_labelled(store_factory, setup, labels)
+
+
 async def test_tracking_rules(store_factory):
     await checks.check_tracking_basics(store_factory)
 

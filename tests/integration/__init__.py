@@ -1,0 +1,1 @@
+"""Tests that run kds against real services and processes."""
