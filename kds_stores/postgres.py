@@ -236,6 +236,15 @@ class _NoSniContext(ssl.SSLContext):
         return super().wrap_bio(*args, **kwargs)
 
 
+async def _keep_session(_connection: object) -> None:
+    """The pool's reset between uses of a connection: nothing to undo.
+
+    The store never changes session state on pooled connections (no SET, LISTEN,
+    advisory session locks or cursors), and asyncpg rolls back a transaction left
+    open before calling this. The default reset would cost a round trip per use.
+    """
+
+
 def _set_event(event: asyncio.Event, *_: object) -> None:
     event.set()
 
@@ -314,6 +323,48 @@ MIGRATIONS: Final = (
                 epoch bytea NOT NULL,
                 revision numeric NOT NULL
             )
+            """,
+        ),
+    ),
+    Migration(
+        2,
+        "kds_lock_for_commit(): lock the log and read what a commit needs, in one call",
+        (
+            # A commit must lock the log before reading the rows it checks, and
+            # those reads must see every commit that finished while it waited for
+            # the lock: in one SQL statement they would not (its snapshot predates
+            # the wait). In a PL/pgSQL function each statement takes a new
+            # snapshot, so the lock and the reads make one round trip, not three.
+            """
+            CREATE FUNCTION {schema}.kds_lock_for_commit(
+                types text[], meshes text[], names text[], origins bytea[]
+            )
+            RETURNS TABLE (
+                kind smallint, type text, mesh text, name text, labels bytea,
+                spec bytea, version bigint, created_at bigint, epoch bytea,
+                revision numeric
+            )
+            LANGUAGE plpgsql VOLATILE AS $body$
+            DECLARE
+                locked_head bigint;
+            BEGIN
+                SELECT m.head INTO locked_head
+                FROM {schema}.kds_meta AS m WHERE m.id = 1 FOR UPDATE;
+                -- kind 0: the head; 1: a stored row of a key asked for; 2: a cursor.
+                RETURN QUERY SELECT 0::smallint, NULL::text, NULL::text, NULL::text,
+                    NULL::bytea, NULL::bytea, locked_head, NULL::bigint, NULL::bytea,
+                    NULL::numeric;
+                RETURN QUERY SELECT 1::smallint, r.type, r.mesh, r.name, r.labels,
+                    r.spec, r.version, r.created_at, NULL::bytea, NULL::numeric
+                FROM unnest(types, meshes, names) AS k(type, mesh, name)
+                JOIN {schema}.kds_resources AS r
+                    ON r.type = k.type AND r.mesh = k.mesh AND r.name = k.name;
+                RETURN QUERY SELECT 2::smallint, NULL::text, NULL::text, NULL::text,
+                    t.origin, NULL::bytea, NULL::bigint, NULL::bigint, t.epoch,
+                    t.revision
+                FROM {schema}.kds_tracking AS t WHERE t.origin = ANY(origins);
+            END
+            $body$
             """,
         ),
     ),
@@ -448,8 +499,8 @@ async def _applied_version(connection: _Connection, settings: PostgresSettings) 
     return int(version or 0)
 
 
-async def migrate_up(settings: PostgresSettings) -> list[Migration]:
-    """Bring the schema up to :data:`SCHEMA_VERSION`; return the migrations applied.
+async def migrate_up(settings: PostgresSettings, *, to: int | None = None) -> list[Migration]:
+    """Bring the schema up to :data:`SCHEMA_VERSION` (or *to*); return the migrations applied.
 
     Idempotent (an up-to-date schema is left alone) and safe to run from several
     processes at once: a transaction-scoped advisory lock on the schema name makes
@@ -457,11 +508,19 @@ async def migrate_up(settings: PostgresSettings) -> list[Migration]:
     pending migrations apply in one transaction: a failure leaves the schema as
     it was.
 
+    Args:
+        settings: the database and schema to migrate.
+        to: stop after this version (for staged upgrades and tests).
+
     Raises:
         ConfigError: the settings are wrong, or the schema is newer than this code
             (upgrade kds instead).
         StoreUnavailableError: the server cannot be reached.
+        ValueError: *to* is not a known version.
     """
+    target = SCHEMA_VERSION if to is None else to
+    if not 0 <= target <= SCHEMA_VERSION:
+        raise ValueError(f"to must be within 0..{SCHEMA_VERSION}, got {to}")
     schema = _quote(settings.schema)
     connection = await _connect(settings, "migrating")
     applied: list[Migration] = []
@@ -476,7 +535,7 @@ async def migrate_up(settings: PostgresSettings) -> list[Migration]:
             if current > SCHEMA_VERSION:
                 raise _newer_schema(settings, current)
             for migration in MIGRATIONS:
-                if migration.version <= current:
+                if migration.version <= current or migration.version > target:
                     continue
                 for statement in migration.statements:
                     await connection.execute(statement.format(schema=schema))
@@ -623,6 +682,7 @@ class PostgresStore(LogStore):
                 pool = await asyncpg.create_pool(
                     min_size=1,
                     max_size=settings.pool_size,
+                    reset=_keep_session,
                     **settings._connect_kwargs(),
                 )
             except (*_RETRYABLE_DRIVER_ERRORS, ssl.SSLError) as exc:
@@ -767,18 +827,10 @@ class PostgresStore(LogStore):
             transaction = connection.transaction()
             await transaction.start()
             try:
-                # The lock first, in a statement of its own: statements after it see
-                # every commit that finished while this one waited.
-                head = start = await connection.fetchval(sql.lock_head)
                 keys = {key for request in batch for key in request.keys}
-                rows = await self._fetch_rows(connection, keys)
                 origins = {r.tracking.origin for r in batch if r.tracking is not None}
-                tracked: dict[str, Cursor] = {}
-                if origins:
-                    for origin, epoch, revision in await connection.fetch(
-                        sql.tracking_of, [text_to_db(o) for o in origins]
-                    ):
-                        tracked[text_from_db(origin)] = cursor_from_db(epoch, int(revision))
+                head, rows, tracked = await self._lock_for_commit(connection, keys, origins)
+                start = head
                 now = to_micros(datetime.now(UTC))
                 outcomes: list[tuple[Commit, int | Exception]] = []
                 events: list[tuple[int, bytes]] = []
@@ -819,18 +871,43 @@ class PostgresStore(LogStore):
                 request.resolve(outcome)
         self._saw_head(head)
 
-    async def _fetch_rows(
-        self, connection: _Connection, keys: Collection[_DbKey]
-    ) -> dict[_DbKey, _Row | None]:
-        if not keys:
-            return {}
-        types, meshes, names = zip(*keys, strict=True)
+    async def _lock_for_commit(
+        self, connection: _Connection, keys: Collection[_DbKey], origins: Collection[str]
+    ) -> tuple[int, dict[_DbKey, _Row | None], dict[str, Cursor]]:
+        """Lock the log; return the head, the stored rows of *keys*, the cursors of *origins*."""
+        types = [key[0] for key in keys]
+        meshes = [key[1] for key in keys]
+        names = [key[2] for key in keys]
+        head = -1
         found: dict[_DbKey, _Row | None] = {}
-        for t, m, n, labels, spec, version, created in await connection.fetch(
-            self._sql.rows_of, list(types), list(meshes), list(names)
+        tracked: dict[str, Cursor] = {}
+        for (
+            kind,
+            t,
+            m,
+            n,
+            labels,
+            spec,
+            version,
+            created,
+            epoch,
+            revision,
+        ) in await connection.fetch(
+            self._sql.lock_for_commit,
+            types,
+            meshes,
+            names,
+            [text_to_db(origin) for origin in origins],
         ):
-            found[(t, m, n)] = (labels, spec, version, created)
-        return found
+            if kind == 0:
+                head = version
+            elif kind == 1:
+                found[(t, m, n)] = (labels, spec, version, created)
+            else:
+                tracked[text_from_db(labels)] = cursor_from_db(epoch, int(revision))
+        if head < 0:
+            raise StoreError(f"{self}: the kds_meta table is damaged (it has no row)")
+        return head, found, tracked
 
     async def compact(self, through: int) -> None:
         self._check_open()
@@ -990,17 +1067,11 @@ class _Statements:
     def __init__(self, schema: str) -> None:
         s = schema
         self.meta = f"SELECT epoch, head, horizon FROM {s}.kds_meta WHERE id = 1"  # noqa: S608
-        self.lock_head = f"SELECT head FROM {s}.kds_meta WHERE id = 1 FOR UPDATE"  # noqa: S608
+        self.lock_for_commit = f"SELECT * FROM {s}.kds_lock_for_commit($1, $2, $3, $4)"  # noqa: S608
         self.lock_meta = f"SELECT head, horizon FROM {s}.kds_meta WHERE id = 1 FOR UPDATE"  # noqa: S608
         self.tracking_of = (
             f"SELECT origin, epoch, revision FROM {s}.kds_tracking "  # noqa: S608
             "WHERE origin = ANY($1::bytea[])"
-        )
-        self.rows_of = (
-            "SELECT r.type, r.mesh, r.name, r.labels, r.spec, r.version, r.created_at "  # noqa: S608
-            "FROM unnest($1::text[], $2::text[], $3::text[]) AS k(type, mesh, name) "
-            f"JOIN {s}.kds_resources AS r "
-            "ON r.type = k.type AND r.mesh = k.mesh AND r.name = k.name"
         )
         self.write = f"""
             WITH appended AS (

@@ -75,6 +75,27 @@ async def test_opening_a_newer_schema_says_to_upgrade_kds(postgres_server):
         await migrate_up(settings)
 
 
+async def test_opening_an_older_schema_names_the_command_and_migrating_keeps_data(
+    postgres_server,
+):
+    settings = await new_postgres_schema(postgres_server, migrate=False)
+    await migrate_up(settings, to=1)
+    with pytest.raises(ConfigError, match=r"schema version 1, this kds needs \d+: run `kds-cp"):
+        await PostgresStore(settings).open()
+    # Version 1 data, written as version 1 code would (the store needs 2 to open).
+    connection = await asyncpg.connect(**settings._connect_kwargs())
+    try:
+        epoch = await connection.fetchval(f'SELECT epoch FROM "{settings.schema}".kds_meta')  # noqa: S608
+    finally:
+        await connection.close()
+    applied = await migrate_up(settings)
+    assert [m.version for m in applied] == list(range(2, SCHEMA_VERSION + 1))
+    async with PostgresStore(settings) as store:
+        assert store.epoch == epoch
+        await store.commit([_mesh("after-upgrade")])
+        assert await store.head() == 1
+
+
 async def test_migrate_up_is_idempotent_and_keeps_data(postgres_server):
     settings = await new_postgres_schema(postgres_server, migrate=False)
     applied = await migrate_up(settings)
