@@ -35,7 +35,9 @@ from kds.errors import (
 from kds.store import DEFAULT_READ_LIMIT, Cursor, Snapshot, check_read_args, matches
 from kds_stores._log import (
     Commit,
+    DbKey,
     LogStore,
+    Row,
     collection_paused,
     cursor_from_db,
     db_key,
@@ -570,8 +572,6 @@ def _newer_schema(settings: PostgresSettings, version: int) -> ConfigError:
 
 # -- the store ---------------------------------------------------------------------
 
-_DbKey: TypeAlias = tuple[str, str, str]
-_Row: TypeAlias = tuple[bytes, bytes, int, int]
 _RESOURCE_COLUMNS: Final = "type, mesh, name, labels, spec, version, created_at, modified_at"
 LISTENER_APPLICATION_NAME: Final = "kds-listen"
 """``application_name`` of the connection a store LISTENs on (see pg_stat_activity)."""
@@ -834,7 +834,7 @@ class PostgresStore(LogStore):
                 now = to_micros(datetime.now(UTC))
                 outcomes: list[tuple[Commit, int | Exception]] = []
                 events: list[tuple[int, bytes]] = []
-                final: dict[_DbKey, _Row | None] = {}
+                final: dict[DbKey, Row | None] = {}
                 final_tracking: dict[str, Cursor] = {}
                 for request in batch:
                     try:
@@ -872,14 +872,14 @@ class PostgresStore(LogStore):
         self._saw_head(head)
 
     async def _lock_for_commit(
-        self, connection: _Connection, keys: Collection[_DbKey], origins: Collection[str]
-    ) -> tuple[int, dict[_DbKey, _Row | None], dict[str, Cursor]]:
+        self, connection: _Connection, keys: Collection[DbKey], origins: Collection[str]
+    ) -> tuple[int, dict[DbKey, Row | None], dict[str, Cursor]]:
         """Lock the log; return the head, the stored rows of *keys*, the cursors of *origins*."""
         types = [key[0] for key in keys]
         meshes = [key[1] for key in keys]
         names = [key[2] for key in keys]
         head = -1
-        found: dict[_DbKey, _Row | None] = {}
+        found: dict[DbKey, Row | None] = {}
         tracked: dict[str, Cursor] = {}
         for (
             kind,
@@ -1021,7 +1021,7 @@ def _tuples(rows: list[asyncpg.Record]) -> list[tuple[Any, ...]]:
 
 def _write_args(
     events: Sequence[tuple[int, bytes]],
-    final: Mapping[_DbKey, _Row | None],
+    final: Mapping[DbKey, Row | None],
     tracking: Mapping[str, Cursor],
     now: int,
     head: int,
