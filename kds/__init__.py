@@ -11,15 +11,21 @@ from kds.codec import Codec as Codec
 from kds.errors import CompactedError as CompactedError
 from kds.errors import ConfigError as ConfigError
 from kds.errors import ConflictError as ConflictError
+from kds.errors import ConnectError as ConnectError
 from kds.errors import CursorAheadError as CursorAheadError
 from kds.errors import DecodeError as DecodeError
 from kds.errors import EpochMismatchError as EpochMismatchError
+from kds.errors import FrameTooLargeError as FrameTooLargeError
 from kds.errors import KdsError as KdsError
 from kds.errors import NotFoundError as NotFoundError
+from kds.errors import ProtocolError as ProtocolError
+from kds.errors import SessionClosedError as SessionClosedError
 from kds.errors import StoreClosedError as StoreClosedError
 from kds.errors import StoreError as StoreError
 from kds.errors import StoreUnavailableError as StoreUnavailableError
+from kds.errors import TransportError as TransportError
 from kds.errors import ValidationError as ValidationError
+from kds.errors import VersionMismatchError as VersionMismatchError
 from kds.resource import LABEL_DISPLAY_NAME as LABEL_DISPLAY_NAME
 from kds.resource import LABEL_K8S_NAMESPACE as LABEL_K8S_NAMESPACE
 from kds.resource import LABEL_KDS_SYNC as LABEL_KDS_SYNC
@@ -47,5 +53,10 @@ from kds.store import Store as Store
 from kds.store import Tracking as Tracking
 from kds.store import Upsert as Upsert
 from kds.store import Upserted as Upserted
+from kds.transport import DEFAULT_MAX_FRAME_SIZE as DEFAULT_MAX_FRAME_SIZE
+from kds.transport import PeerInfo as PeerInfo
+from kds.transport import Session as Session
+from kds.transport import SessionHandler as SessionHandler
+from kds.transport import Transport as Transport
 
 __version__ = "0.1.0"

@@ -25,7 +25,7 @@ from kds.errors import DecodeError, ValidationError
 from kds.resource import Catalog, Resource, ResourceKey, validate_labels
 from kds.store import Cursor, Deleted, Event, Tracking, Upserted
 
-__all__ = ["DEFAULT_MAX_SIZE", "Codec"]
+__all__ = ["DEFAULT_MAX_SIZE", "Codec", "strict_converter"]
 
 T = TypeVar("T")
 
@@ -82,6 +82,16 @@ def _make_converter() -> cattrs.Converter:
 
 
 _CONVERTER: Final = _make_converter()
+
+
+def strict_converter() -> cattrs.Converter:
+    """A copy of the codec's strict converter, for formats built on top of it.
+
+    The protocol's frames carry resources, events and cursors in exactly the shape
+    :class:`Codec` gives them; building on a copy keeps the two from drifting, and
+    changes to the copy do not affect the codec.
+    """
+    return _CONVERTER.copy()
 
 
 def _name_of(cls: object) -> str:

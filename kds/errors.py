@@ -10,21 +10,29 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from kds.resource import ResourceKey
 
 __all__ = [
     "CompactedError",
     "ConfigError",
     "ConflictError",
+    "ConnectError",
     "CursorAheadError",
     "DecodeError",
     "EpochMismatchError",
+    "FrameTooLargeError",
     "KdsError",
     "NotFoundError",
+    "ProtocolError",
+    "SessionClosedError",
     "StoreClosedError",
     "StoreError",
     "StoreUnavailableError",
+    "TransportError",
     "ValidationError",
+    "VersionMismatchError",
 ]
 
 
@@ -171,3 +179,100 @@ class CursorAheadError(EpochMismatchError):
         self.actual = epoch
         self.revision = revision
         self.head = head
+
+
+class TransportError(KdsError):
+    """Base of the errors a :class:`kds.Transport` or its sessions raise.
+
+    Every one of them ends the session it happened in (or prevents it); the sync
+    engine reacts to all of them the same way: reconnect with backoff.
+    """
+
+
+class ConnectError(TransportError):
+    """Raised when a zone cannot open a session to the global; safe to retry.
+
+    The global is down, unreachable, refused the connection, or the transport's
+    handshake (TLS, for example) failed.
+
+    Attributes:
+        address: where the zone tried to connect.
+        reason: why it failed.
+    """
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"cannot connect to {address}: {reason}")
+        self.address = address
+        self.reason = reason
+
+
+class SessionClosedError(TransportError):
+    """Raised when a session is used after it ended.
+
+    ``by_peer`` tells who ended it: ``True`` when the other side closed it or the
+    connection was lost (after frames the peer sent before closing were all
+    received), ``False`` when this side closed it with ``aclose()``.
+
+    Attributes:
+        reason: the reason given by whoever ended the session (may be empty).
+        by_peer: whether the session was ended by the other side or the network.
+    """
+
+    def __init__(self, reason: str, *, by_peer: bool) -> None:
+        who = "remotely" if by_peer else "locally"
+        super().__init__(f"session was closed {who}" + (f": {reason}" if reason else ""))
+        self.reason = reason
+        self.by_peer = by_peer
+
+
+class FrameTooLargeError(TransportError, ValueError):
+    """Raised when a frame (or an item that must fit in one) exceeds the frame size limit.
+
+    Nothing was sent; the session is still usable.
+
+    Attributes:
+        size: the frame's (or item's) size in bytes.
+        limit: the largest frame allowed, in bytes.
+    """
+
+    def __init__(self, size: int, limit: int, *, what: str = "frame") -> None:
+        super().__init__(f"{what} of {size} bytes exceeds the frame size limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class ProtocolError(TransportError):
+    """Raised when the peer broke the sync protocol.
+
+    It sent a frame that cannot be decoded, or one that is not allowed at this
+    point of the session (see ``docs/protocol.md``). The session must end; the
+    frame was not applied.
+
+    Attributes:
+        reason: what was wrong; decoding errors name the field (``@ $.events[3].revision``).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class VersionMismatchError(ProtocolError):
+    """Raised when a zone and the global have no protocol version in common.
+
+    Attributes:
+        offered: the major versions the zone speaks.
+        supported: the major versions this side speaks.
+    """
+
+    def __init__(self, offered: Sequence[int], supported: Sequence[int]) -> None:
+        if offered and supported and max(offered) > max(supported):
+            advice = "upgrade the global: a zone must never be newer than its global"
+        else:
+            advice = "upgrade the zone"
+        super().__init__(
+            f"no common protocol version: the zone speaks {sorted(offered)}, the global "
+            f"speaks {sorted(supported)}; {advice}"
+        )
+        self.offered = tuple(offered)
+        self.supported = tuple(supported)
