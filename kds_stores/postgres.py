@@ -330,12 +330,17 @@ MIGRATIONS: Final = (
     ),
     Migration(
         2,
-        "kds_lock_for_commit(): lock the log and read what a commit needs, in one call",
+        "commit support: a write counter and kds_lock_for_commit()",
         (
-            # A commit must lock the log before reading the rows it checks, and
-            # those reads must see every commit that finished while it waited for
-            # the lock: in one SQL statement they would not (its snapshot predates
-            # the wait). In a PL/pgSQL function each statement takes a new
+            # Counts write transactions, tracking-only ones included (which do not
+            # move the head): a commit planned on rows read without the lock is
+            # written only if the counter is still what it read, which proves that
+            # nothing was written in between.
+            "ALTER TABLE {schema}.kds_meta ADD COLUMN writes bigint NOT NULL DEFAULT 0",
+            # A commit that must lock the log before reading the rows it checks
+            # needs those reads to see every commit that finished while it waited
+            # for the lock: in one SQL statement they would not (its snapshot
+            # predates the wait). In a PL/pgSQL function each statement takes a new
             # snapshot, so the lock and the reads make one round trip, not three.
             """
             CREATE FUNCTION {schema}.kds_lock_for_commit(
@@ -349,23 +354,43 @@ MIGRATIONS: Final = (
             LANGUAGE plpgsql VOLATILE AS $body$
             DECLARE
                 locked_head bigint;
+                locked_writes bigint;
             BEGIN
-                SELECT m.head INTO locked_head
+                SELECT m.head, m.writes INTO locked_head, locked_writes
                 FROM {schema}.kds_meta AS m WHERE m.id = 1 FOR UPDATE;
-                -- kind 0: the head; 1: a stored row of a key asked for; 2: a cursor.
-                RETURN QUERY SELECT 0::smallint, NULL::text, NULL::text, NULL::text,
-                    NULL::bytea, NULL::bytea, locked_head, NULL::bigint, NULL::bytea,
-                    NULL::numeric;
-                RETURN QUERY SELECT 1::smallint, r.type, r.mesh, r.name, r.labels,
-                    r.spec, r.version, r.created_at, NULL::bytea, NULL::numeric
+                RETURN QUERY SELECT * FROM {schema}.kds_commit_inputs(
+                    locked_head, locked_writes, types, meshes, names, origins
+                );
+            END
+            $body$
+            """,
+            # The reads themselves, in one statement (one snapshot) -- also what a
+            # commit runs without the lock, together with the head it read.
+            # kind 0: the head (version) and write counter (created_at); 1: the
+            # stored row of a key asked for; 2: the cursor of an origin asked for.
+            """
+            CREATE FUNCTION {schema}.kds_commit_inputs(
+                head bigint, writes bigint,
+                types text[], meshes text[], names text[], origins bytea[]
+            )
+            RETURNS TABLE (
+                kind smallint, type text, mesh text, name text, labels bytea,
+                spec bytea, version bigint, created_at bigint, epoch bytea,
+                revision numeric
+            )
+            LANGUAGE sql STABLE AS $body$
+                SELECT 0::smallint, NULL::text, NULL::text, NULL::text, NULL::bytea,
+                    NULL::bytea, head, writes, NULL::bytea, NULL::numeric
+                UNION ALL
+                SELECT 1::smallint, r.type, r.mesh, r.name, r.labels, r.spec,
+                    r.version, r.created_at, NULL::bytea, NULL::numeric
                 FROM unnest(types, meshes, names) AS k(type, mesh, name)
                 JOIN {schema}.kds_resources AS r
-                    ON r.type = k.type AND r.mesh = k.mesh AND r.name = k.name;
-                RETURN QUERY SELECT 2::smallint, NULL::text, NULL::text, NULL::text,
-                    t.origin, NULL::bytea, NULL::bigint, NULL::bigint, t.epoch,
-                    t.revision
-                FROM {schema}.kds_tracking AS t WHERE t.origin = ANY(origins);
-            END
+                    ON r.type = k.type AND r.mesh = k.mesh AND r.name = k.name
+                UNION ALL
+                SELECT 2::smallint, NULL::text, NULL::text, NULL::text, t.origin,
+                    NULL::bytea, NULL::bigint, NULL::bigint, t.epoch, t.revision
+                FROM {schema}.kds_tracking AS t WHERE t.origin = ANY(origins)
             $body$
             """,
         ),
@@ -657,6 +682,7 @@ class PostgresStore(LogStore):
         # Only tests set it: holding transactions open is how they show that a
         # slow commit cannot be overtaken by a later revision.
         self._before_commit: Callable[[], Awaitable[None]] | None = None
+        self._pessimistic_batches = 0
         schema = _quote(settings.schema)
         self._channel = _channel(settings.schema)
         self._sql = _Statements(schema)
@@ -821,93 +847,141 @@ class PostgresStore(LogStore):
     # -- writes --------------------------------------------------------------------
 
     async def _apply_batch(self, batch: list[Commit]) -> None:
-        action = "committing"
-        sql = self._sql
-        async with self._connection(action) as connection:
+        """Write *batch*: optimistically in two round trips, else under the lock.
+
+        Optimistic: read the head, the write counter and the rows the batch checks
+        (one statement, one snapshot, no lock), plan, and send one statement that
+        writes everything only if the write counter is unchanged -- it takes the
+        log's lock to check, so no other commit can slip in -- and commits by
+        itself. If another process wrote in between, nothing was written: plan
+        again under the lock (BEGIN, lock and read, write, COMMIT), and stay on
+        that path for a while, since the log is contended.
+        """
+        keys = {key for request in batch for key in request.keys}
+        origins = {r.tracking.origin for r in batch if r.tracking is not None}
+        if self._pessimistic_batches > 0:
+            self._pessimistic_batches -= 1
+        else:
+            async with self._connection("committing") as connection:
+                inputs = await self._commit_inputs(connection, keys, origins, lock=False)
+                plan = self._plan_batch(batch, *inputs)
+                if await self._write(connection, plan):
+                    self._finish(plan)
+                    return
+            self._pessimistic_batches = _PESSIMISTIC_BATCHES
+        async with self._connection("committing") as connection:
             transaction = connection.transaction()
             await transaction.start()
             try:
-                keys = {key for request in batch for key in request.keys}
-                origins = {r.tracking.origin for r in batch if r.tracking is not None}
-                head, rows, tracked = await self._lock_for_commit(connection, keys, origins)
-                start = head
-                now = to_micros(datetime.now(UTC))
-                outcomes: list[tuple[Commit, int | Exception]] = []
-                events: list[tuple[int, bytes]] = []
-                final: dict[DbKey, Row | None] = {}
-                final_tracking: dict[str, Cursor] = {}
-                for request in batch:
-                    try:
-                        changes, local, revision = self._plan(request, rows, tracked, head, now)
-                    except Exception as exc:  # the caller's own error (conflict, not found)
-                        self._packer.reset()
-                        outcomes.append((request, exc))
-                        continue
-                    events.extend((change[0], change[1]) for change in changes)
-                    rows.update(local)
-                    final.update(local)
-                    if request.tracking is not None:
-                        tracked[request.tracking.origin] = request.tracking.cursor
-                        final_tracking[request.tracking.origin] = request.tracking.cursor
-                    head = revision
-                    outcomes.append((request, revision))
-                if events or final_tracking:
-                    await connection.execute(
-                        sql.write,
-                        *_write_args(events, final, final_tracking, now, head, start),
-                        self._channel,
-                    )
-                if self._before_commit is not None:
-                    await self._before_commit()
+                inputs = await self._commit_inputs(connection, keys, origins, lock=True)
+                plan = self._plan_batch(batch, *inputs)
+                if not await self._write(connection, plan):
+                    raise StoreError(f"{self}: the log changed while this commit held its lock")
                 await transaction.commit()
             except BaseException:
                 with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                     await transaction.rollback()
                 raise
-        for request, outcome in outcomes:
+        self._finish(plan)
+
+    def _plan_batch(
+        self,
+        batch: list[Commit],
+        head: int,
+        writes: int,
+        rows: dict[DbKey, Row | None],
+        tracked: dict[str, Cursor],
+    ) -> _BatchPlan:
+        """Plan every request of *batch* on the rows read; conflicts fail their request."""
+        plan = _BatchPlan(
+            start=head,
+            head=head,
+            writes=writes,
+            now=to_micros(datetime.now(UTC)),
+            stored=frozenset(rows),
+        )
+        for request in batch:
+            try:
+                changes, local, revision = self._plan(request, rows, tracked, plan.head, plan.now)
+            except Exception as exc:  # the caller's own error (conflict, not found)
+                self._packer.reset()
+                plan.outcomes.append((request, exc))
+                continue
+            plan.events.extend((change[0], change[1]) for change in changes)
+            rows.update(local)
+            plan.final.update(local)
+            if request.tracking is not None:
+                tracked[request.tracking.origin] = request.tracking.cursor
+                plan.tracking[request.tracking.origin] = request.tracking.cursor
+            plan.head = revision
+            plan.outcomes.append((request, revision))
+        return plan
+
+    async def _write(self, connection: _Connection, plan: _BatchPlan) -> bool:
+        """Write *plan*; False if another commit came first (then nothing was written).
+
+        Outside a transaction the statement is one of its own: it has committed
+        (and notified) when it returns, unless a test holds it open
+        (``_before_commit``).
+        """
+        if not plan.events and not plan.tracking:
+            return True  # nothing to write: every request failed, or only no-ops
+        args = (
+            *_write_args(plan),
+            plan.head,
+            plan.start,
+            plan.writes,
+            self._channel,
+        )
+        if self._before_commit is None:
+            applied = await connection.fetch(self._sql.write, *args)
+            return bool(applied)
+        async with connection.transaction():
+            applied = await connection.fetch(self._sql.write, *args)
+            await self._before_commit()
+        return bool(applied)
+
+    def _finish(self, plan: _BatchPlan) -> None:
+        """The batch is durable: resolve its callers and wake followers."""
+        for request, outcome in plan.outcomes:
             if isinstance(outcome, Exception):
                 request.fail(outcome)
             else:
                 request.resolve(outcome)
-        self._saw_head(head)
+        self._saw_head(plan.head)
 
-    async def _lock_for_commit(
-        self, connection: _Connection, keys: Collection[DbKey], origins: Collection[str]
-    ) -> tuple[int, dict[DbKey, Row | None], dict[str, Cursor]]:
-        """Lock the log; return the head, the stored rows of *keys*, the cursors of *origins*."""
-        types = [key[0] for key in keys]
-        meshes = [key[1] for key in keys]
-        names = [key[2] for key in keys]
-        head = -1
+    async def _commit_inputs(
+        self,
+        connection: _Connection,
+        keys: Collection[DbKey],
+        origins: Collection[str],
+        *,
+        lock: bool,
+    ) -> tuple[int, int, dict[DbKey, Row | None], dict[str, Cursor]]:
+        """Return the head, the write counter, the rows of *keys*, the cursors of *origins*.
+
+        With *lock*, first take the log's lock (inside the caller's transaction).
+        """
+        head = writes = -1
         found: dict[DbKey, Row | None] = {}
         tracked: dict[str, Cursor] = {}
-        for (
-            kind,
-            t,
-            m,
-            n,
-            labels,
-            spec,
-            version,
-            created,
-            epoch,
-            revision,
-        ) in await connection.fetch(
-            self._sql.lock_for_commit,
-            types,
-            meshes,
-            names,
+        rows = await connection.fetch(
+            self._sql.lock_for_commit if lock else self._sql.commit_inputs,
+            [key[0] for key in keys],
+            [key[1] for key in keys],
+            [key[2] for key in keys],
             [text_to_db(origin) for origin in origins],
-        ):
+        )
+        for kind, t, m, n, labels, spec, version, created, epoch, revision in rows:
             if kind == 0:
-                head = version
+                head, writes = version, created
             elif kind == 1:
                 found[(t, m, n)] = (labels, spec, version, created)
             else:
                 tracked[text_from_db(labels)] = cursor_from_db(epoch, int(revision))
         if head < 0:
             raise StoreError(f"{self}: the kds_meta table is damaged (it has no row)")
-        return head, found, tracked
+        return head, writes, found, tracked
 
     async def compact(self, through: int) -> None:
         self._check_open()
@@ -1012,6 +1086,24 @@ class PostgresStore(LogStore):
 
 
 _MAX_BIGINT: Final = 2**63 - 1
+# After a batch found the log written by someone else, this many batches take the
+# lock first instead of trying without it (each failed try costs a round trip).
+_PESSIMISTIC_BATCHES: Final = 16
+
+
+@attrs.define
+class _BatchPlan:
+    """What one batch will write, and what each of its requests gets back."""
+
+    start: int  # the head the plan was made on
+    head: int  # the head after the batch
+    writes: int  # the write counter the plan was made on
+    now: int  # the batch's timestamp, microseconds
+    outcomes: list[tuple[Commit, int | Exception]] = attrs.Factory(list)
+    events: list[tuple[int, bytes]] = attrs.Factory(list)
+    final: dict[DbKey, Row | None] = attrs.Factory(dict)
+    tracking: dict[str, Cursor] = attrs.Factory(dict)
+    stored: frozenset[DbKey] = frozenset()  # the keys that had a row before the batch
 
 
 def _tuples(rows: list[asyncpg.Record]) -> list[tuple[Any, ...]]:
@@ -1019,45 +1111,55 @@ def _tuples(rows: list[asyncpg.Record]) -> list[tuple[Any, ...]]:
     return cast("list[tuple[Any, ...]]", rows)
 
 
-def _write_args(
-    events: Sequence[tuple[int, bytes]],
-    final: Mapping[DbKey, Row | None],
-    tracking: Mapping[str, Cursor],
-    now: int,
-    head: int,
-    start: int,
-) -> tuple[Any, ...]:
-    """The parameters of ``_Statements.write`` but the channel: one statement per batch.
+def _write_args(plan: _BatchPlan) -> tuple[Any, ...]:
+    """The parameters $1..$24 of ``_Statements.write``: one statement writes a batch.
 
     The view gets each key's final state only (a batch may change a key several
-    times, and one statement may not touch a row twice); the log gets every event.
-    The head moves (and a notification goes out, sent when the transaction
-    commits) only if some event was written.
+    times, and one statement may not touch a row twice): rows that existed before
+    the batch are updated or deleted, new ones plainly inserted (a third cheaper
+    than an upsert). The log gets every event.
     """
-    revisions = [revision for revision, _ in events]
-    blobs = [data for _, data in events]
-    deleted = [key for key, row in final.items() if row is None]
-    upserted = [(key, row) for key, row in final.items() if row is not None]
+    removed: list[DbKey] = []
+    created: list[tuple[DbKey, Row]] = []
+    changed: list[tuple[DbKey, Row]] = []
+    for key, row in plan.final.items():
+        existed = key in plan.stored
+        if row is None:
+            if existed:
+                removed.append(key)
+        elif existed:
+            changed.append((key, row))
+        else:
+            created.append((key, row))
     return (
-        revisions,
-        blobs,
-        [k[0] for k in deleted],
-        [k[1] for k in deleted],
-        [k[2] for k in deleted],
-        [k[0] for k, _ in upserted],
-        [k[1] for k, _ in upserted],
-        [k[2] for k, _ in upserted],
-        [r[0] for _, r in upserted],
-        [r[1] for _, r in upserted],
-        [r[2] for _, r in upserted],
-        [r[3] for _, r in upserted],
-        # Every upsert of a batch was planned with the batch's one timestamp.
-        [now] * len(upserted),
-        [text_to_db(origin) for origin in tracking],
-        [text_to_db(cursor.epoch) for cursor in tracking.values()],
-        [cursor.revision for cursor in tracking.values()],
-        head,
-        start,
+        [revision for revision, _ in plan.events],
+        [data for _, data in plan.events],
+        *_key_columns(removed),
+        *_row_columns(created, plan.now),
+        *_row_columns(changed, plan.now),
+        [text_to_db(origin) for origin in plan.tracking],
+        [text_to_db(cursor.epoch) for cursor in plan.tracking.values()],
+        [cursor.revision for cursor in plan.tracking.values()],
+    )
+
+
+def _key_columns(keys: Sequence[DbKey]) -> tuple[list[str], list[str], list[str]]:
+    return [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]
+
+
+def _row_columns(rows: Sequence[tuple[DbKey, Row]], now: int) -> tuple[list[Any], ...]:
+    """Columns type, mesh, name, labels, spec, version, created_at of *rows*, then modified_at.
+
+    Every row a batch writes was planned with the batch's one timestamp, *now*.
+    """
+    keys = [key for key, _ in rows]
+    return (
+        *_key_columns(keys),
+        [row[0] for _, row in rows],
+        [row[1] for _, row in rows],
+        [row[2] for _, row in rows],
+        [row[3] for _, row in rows],
+        [now] * len(rows),
     )
 
 
@@ -1073,36 +1175,61 @@ class _Statements:
             f"SELECT origin, epoch, revision FROM {s}.kds_tracking "  # noqa: S608
             "WHERE origin = ANY($1::bytea[])"
         )
+        # One statement writes a whole batch, and only if the write counter is
+        # still $27 (what the batch was planned on): `fence` takes the log's lock
+        # (waiting for any commit holding it, then re-checking the counter on the
+        # row as that commit left it), and every other write reads `fence` first,
+        # so when the counter moved nothing at all is written and no row returns.
+        # The view gets each key's final state only (a batch may change a key
+        # several times; one statement may not touch a row twice); the log gets
+        # every event. NOTIFY, when the head moved, goes out at commit.
         self.write = f"""
-            WITH appended AS (
+            WITH fence AS (
+                UPDATE {s}.kds_meta SET head = $25::bigint, writes = writes + 1
+                WHERE id = 1 AND writes = $27::bigint
+                RETURNING head
+            ), appended AS (
                 INSERT INTO {s}.kds_events (revision, data)
                 SELECT * FROM unnest($1::bigint[], $2::bytea[])
+                WHERE EXISTS (SELECT FROM fence)
             ), removed AS (
                 DELETE FROM {s}.kds_resources AS r
                 USING unnest($3::text[], $4::text[], $5::text[]) AS d(type, mesh, name)
                 WHERE r.type = d.type AND r.mesh = d.mesh AND r.name = d.name
-            ), stored AS (
+                    AND EXISTS (SELECT FROM fence)
+            ), created AS (
                 INSERT INTO {s}.kds_resources ({_RESOURCE_COLUMNS})
                 SELECT * FROM unnest(
                     $6::text[], $7::text[], $8::text[], $9::bytea[], $10::bytea[],
                     $11::bigint[], $12::bigint[], $13::bigint[]
                 )
-                ON CONFLICT (type, mesh, name) DO UPDATE SET
-                    labels = EXCLUDED.labels, spec = EXCLUDED.spec,
-                    version = EXCLUDED.version, created_at = EXCLUDED.created_at,
-                    modified_at = EXCLUDED.modified_at
+                WHERE EXISTS (SELECT FROM fence)
+            ), changed AS (
+                UPDATE {s}.kds_resources AS r SET
+                    labels = u.labels, spec = u.spec, version = u.version,
+                    created_at = u.created_at, modified_at = u.modified_at
+                FROM unnest(
+                    $14::text[], $15::text[], $16::text[], $17::bytea[], $18::bytea[],
+                    $19::bigint[], $20::bigint[], $21::bigint[]
+                ) AS u({_RESOURCE_COLUMNS})
+                WHERE r.type = u.type AND r.mesh = u.mesh AND r.name = u.name
+                    AND EXISTS (SELECT FROM fence)
             ), tracked AS (
                 INSERT INTO {s}.kds_tracking (origin, epoch, revision)
-                SELECT * FROM unnest($14::bytea[], $15::bytea[], $16::numeric[])
+                SELECT * FROM unnest($22::bytea[], $23::bytea[], $24::numeric[])
+                WHERE EXISTS (SELECT FROM fence)
                 ON CONFLICT (origin) DO UPDATE SET
                     epoch = EXCLUDED.epoch, revision = EXCLUDED.revision
-            ), bumped AS (
-                UPDATE {s}.kds_meta SET head = $17::bigint
-                WHERE id = 1 AND $17::bigint <> $18::bigint
-                RETURNING head
             )
-            SELECT pg_notify($19::text, head::text) FROM bumped
+            SELECT head,
+                CASE WHEN head <> $26::bigint THEN pg_notify($28::text, head::text) END
+            FROM fence
         """  # noqa: S608
+        self.commit_inputs = (
+            f"SELECT * FROM {s}.kds_commit_inputs("  # noqa: S608
+            f"(SELECT head FROM {s}.kds_meta WHERE id = 1), "
+            f"(SELECT writes FROM {s}.kds_meta WHERE id = 1), $1, $2, $3, $4)"
+        )
         self.compact = f"""
             WITH dropped AS (DELETE FROM {s}.kds_events WHERE revision <= $1::bigint)
             UPDATE {s}.kds_meta SET horizon = $1::bigint WHERE id = 1
