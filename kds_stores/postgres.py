@@ -621,14 +621,18 @@ class PostgresStore(LogStore):
     ``kds_tracking``, all in :attr:`PostgresSettings.schema`. The layout is the one
     SQLiteStore uses, table for table.
 
-    Ordering: every commit first locks the ``kds_meta`` row and assigns revisions
-    from the head stored there, so commits -- from this process or any other --
-    take turns, and a transaction that took revision 7 has committed before any
-    transaction can take 8. A follower therefore never passes a revision that is
-    committed later. Within a process, concurrent :meth:`commit` calls are grouped
-    into one transaction (one lock, one WAL flush), which is what makes many small
-    concurrent commits fast; each call still succeeds or fails alone, because
-    conflicts are found before anything is written.
+    Ordering: every commit holds the ``kds_meta`` row's lock while it writes
+    revisions numbered from the head stored there, until it has committed, so
+    commits -- from this process or any other -- take turns, and a transaction
+    that took revision 7 has committed before any transaction can take 8. A
+    follower therefore never passes a revision that is committed later. Within a
+    process, concurrent :meth:`commit` calls are grouped into one batch (one lock,
+    one WAL flush), which is what makes many small concurrent commits fast; each
+    call still succeeds or fails alone, because conflicts are found before
+    anything is written. A batch is planned on rows read without the lock and
+    written by one self-committing statement that is fenced on a write counter
+    (two round trips); when another process wrote in between, it is planned again
+    under the lock (see :meth:`_apply_batch`).
 
     Followers: each commit sends ``NOTIFY`` with the new head as payload (a few
     bytes). The store keeps one extra connection that ``LISTEN``s and wakes
