@@ -236,6 +236,57 @@ async def test_followers_see_every_commit_once_in_revision_order_with_held_trans
         assert [r.version for r in mine] == list(range(1, per_writer + 1))
 
 
+async def test_compare_and_set_across_instances_loses_no_update(postgres_server):
+    """Writers on separate instances increment one counter with expected versions.
+
+    Commits planned on rows read without the lock must be refused (and replanned
+    under the lock) whenever another instance wrote in between: if one slipped
+    through on a stale read, two increments would share a version and one would be
+    lost. Every successful increment must show up as its own version, in order.
+    """
+    settings = await new_postgres_schema(postgres_server)
+    key = ResourceKey("Mesh", None, "counter")
+    increments_each = 40
+    async with contextlib.AsyncExitStack() as stack:
+        stores = [
+            await stack.enter_async_context(PostgresStore(settings, listen=False)) for _ in range(4)
+        ]
+        await stores[0].commit([Upsert(key=key, spec={"n": 0})])
+        conflicts = 0
+
+        async def increment(store: PostgresStore) -> None:
+            nonlocal conflicts
+            done = 0
+            while done < increments_each:
+                current = await store.get(key)
+                try:
+                    await store.commit(
+                        [
+                            Upsert(
+                                key=key,
+                                spec={"n": current.spec["n"] + 1},
+                                expected_version=current.version,
+                            )
+                        ]
+                    )
+                except ConflictError:
+                    conflicts += 1
+                    continue
+                done += 1
+
+        with anyio.fail_after(300):
+            async with anyio.create_task_group() as group:
+                for store in stores:
+                    group.start_soon(increment, store)
+        final = await stores[0].get(key)
+        events = [e for e in await stores[0].read(0, limit=10_000) if isinstance(e, Upserted)]
+    total = increments_each * len(stores)
+    assert final.spec["n"] == total
+    assert final.version == total + 1
+    assert [e.resource.spec["n"] for e in events] == list(range(total + 1))
+    assert conflicts > 0  # the writers really raced
+
+
 # -- wake-ups ------------------------------------------------------------------------
 
 
