@@ -10,13 +10,12 @@ import contextlib
 import itertools
 import statistics
 import time
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import asyncpg
 import attrs
-import msgpack
+from workload import baseline_rows
 
 from kds.testing.postgres import PostgresServer
 from kds_stores.postgres import PostgresSettings, PostgresStore, migrate_up
@@ -70,21 +69,13 @@ async def _store_commits(
     return elapsed
 
 
-def _rows(upserts: Sequence[Upsert]) -> list[tuple[Any, ...]]:
-    micros = int(datetime.now(UTC).timestamp() * 1_000_000)
-    return [
-        (
-            u.key.type,
-            u.key.mesh or "",
-            u.key.name,
-            msgpack.packb(u.labels, use_bin_type=True),
-            msgpack.packb(u.spec, use_bin_type=True),
-            1,
-            micros,
-            micros,
-        )
-        for u in upserts
-    ]
+async def _create_plain_table(connection: asyncpg.Connection, table: str) -> None:
+    """The baselines' table: the columns of kds_resources, keyed the same way."""
+    await connection.execute(
+        f"CREATE TABLE {table} (type text, mesh text, name text, labels bytea, "
+        "spec bytea, version bigint, created_at bigint, modified_at bigint, "
+        "PRIMARY KEY (type, mesh, name))"
+    )
 
 
 async def _baseline_commits(base: PostgresSettings, work: list[list[Sequence[Any]]]) -> float:
@@ -93,11 +84,7 @@ async def _baseline_commits(base: PostgresSettings, work: list[list[Sequence[Any
     table = f'"{settings.schema}".plain'
     connections = [await asyncpg.connect(**settings._connect_kwargs()) for _ in work]
     try:
-        await connections[0].execute(
-            f"CREATE TABLE {table} (type text, mesh text, name text, labels bytea, "
-            "spec bytea, version bigint, created_at bigint, modified_at bigint, "
-            "PRIMARY KEY (type, mesh, name))"
-        )
+        await _create_plain_table(connections[0], table)
         insert = f"INSERT INTO {table} VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
 
         async def write(connection: asyncpg.Connection, batches: list[Sequence[Any]]) -> None:
@@ -164,11 +151,7 @@ async def _baseline_follow_latency(base: PostgresSettings, rows: Sequence[Any]) 
             received.set()
 
     try:
-        await writer.execute(
-            f"CREATE TABLE {table} (type text, mesh text, name text, labels bytea, "
-            "spec bytea, version bigint, created_at bigint, modified_at bigint, "
-            "PRIMARY KEY (type, mesh, name))"
-        )
+        await _create_plain_table(writer, table)
         await listener.add_listener("bench", on_notify)
         insert = f"INSERT INTO {table} VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
         for row in rows:
@@ -201,7 +184,7 @@ async def _run(make_upserts: Callable[[int], list[Upsert]], commits: int) -> Non
         for batch in (1, 100):
             count = commits if batch == 1 else commits // 10 * 100
             upserts = make_upserts(count)
-            rows = _rows(upserts)
+            rows = baseline_rows(upserts)
             for writers in (1, 8):
                 baseline = await _baseline_commits(base, _split(rows, writers, batch))
                 shapes = (
@@ -228,7 +211,7 @@ async def _run(make_upserts: Callable[[int], list[Upsert]], commits: int) -> Non
                     )
         samples = make_upserts(_FOLLOW_SAMPLES)
         ours = _percentiles(await _store_follow_latency(base, samples))
-        theirs = _percentiles(await _baseline_follow_latency(base, _rows(samples)))
+        theirs = _percentiles(await _baseline_follow_latency(base, baseline_rows(samples)))
         print(
             f"\nfollow latency, commit() to follower, NOTIFY on ({_FOLLOW_SAMPLES} samples): "
             f"p50 {ours[0] * 1e3:.2f} ms, p99 {ours[1] * 1e3:.2f} ms (target p99 <= 20 ms); "

@@ -47,50 +47,19 @@ import os
 import sqlite3
 import tempfile
 import time
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 import msgpack
 from postgres_rows import bench_postgres
+from workload import baseline_rows, batches, make_upserts
 
-from kds.resource import ResourceKey
-from kds.store import Upsert
 from kds_stores.sqlite import SQLiteStore
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from kds.store import Upsert
 
 _BASELINE_TABLE = "resources"
-
-
-def make_upserts(count: int) -> list[Upsert]:
-    """Dataplanes in mesh "default" with small, realistic labels and specs."""
-    upserts = []
-    for i in range(count):
-        service = f"web-{i % 50}"
-        upserts.append(
-            Upsert(
-                key=ResourceKey("Dataplane", "default", f"dp-{i:07d}"),
-                labels={
-                    "kuma.io/origin": "zone",
-                    "kuma.io/zone": "zone-1",
-                    "kuma.io/service": service,
-                },
-                spec={
-                    "networking": {
-                        "address": f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}",
-                        "inbound": [{"port": 8080, "tags": {"kuma.io/service": service}}],
-                    }
-                },
-            )
-        )
-    return upserts
-
-
-def batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    """*items* cut into consecutive slices of *size*."""
-    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 async def bench_store(
@@ -160,21 +129,7 @@ def bench_baseline(
     directory: str, upserts: list[Upsert], batch: int, synchronous: str
 ) -> dict[str, float]:
     """Time plain sqlite3 writing and reading the same rows; return seconds per phase."""
-    now = (datetime.now(UTC) - datetime(1970, 1, 1, tzinfo=UTC)).total_seconds()
-    micros = int(now * 1_000_000)
-    rows = [
-        (
-            change.key.type,
-            change.key.mesh or "",
-            change.key.name,
-            msgpack.packb(change.labels, use_bin_type=True),
-            msgpack.packb(change.spec, use_bin_type=True),
-            1,
-            micros,
-            micros,
-        )
-        for change in upserts
-    ]
+    rows = baseline_rows(upserts)
     chunks = batches(rows, batch)
     results: dict[str, float] = {}
     db = sqlite3.connect(os.path.join(directory, "baseline.db"), isolation_level=None)

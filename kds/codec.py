@@ -21,11 +21,11 @@ from cattrs.preconf.msgpack import make_converter
 from cattrs.strategies import configure_tagged_union
 
 from kds.catalog import DEFAULT_CATALOG
-from kds.errors import DecodeError, ValidationError
+from kds.errors import DecodeError, KdsError, ValidationError
 from kds.resource import Catalog, Resource, ResourceKey, validate_labels
 from kds.store import Cursor, Deleted, Event, Tracking, Upserted
 
-__all__ = ["DEFAULT_MAX_SIZE", "Codec", "strict_converter"]
+__all__ = ["DEFAULT_MAX_SIZE", "Codec", "strict_converter", "unpack"]
 
 T = TypeVar("T")
 
@@ -82,6 +82,19 @@ def _make_converter() -> cattrs.Converter:
 
 
 _CONVERTER: Final = _make_converter()
+
+
+def unpack(data: bytes, what: str, error: type[KdsError]) -> Any:
+    """Unpack exactly one msgpack value from *data*, or raise *error* naming *what*.
+
+    Maps must have string keys; trailing bytes after the value are an error too.
+    """
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except msgpack.ExtraData as exc:
+        raise error(f"trailing bytes after a {what}: {exc}") from exc
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise error(f"{what} is not valid msgpack: {type(exc).__name__}: {exc}") from exc
 
 
 def strict_converter() -> cattrs.Converter:
@@ -167,13 +180,7 @@ class Codec:
             raise DecodeError(
                 f"{name} of {len(data)} bytes exceeds the limit of {self.max_size} bytes"
             )
-        try:
-            unpacked = msgpack.unpackb(data, raw=False, strict_map_key=True)
-        except msgpack.ExtraData as exc:
-            raise DecodeError(f"trailing bytes after a {name}: {exc}") from exc
-        except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            raise DecodeError(f"{name} is not valid msgpack: {type(exc).__name__}: {exc}") from exc
-        return self.structure(unpacked, cls)
+        return self.structure(unpack(data, name, DecodeError), cls)
 
     def decode_event(self, data: bytes) -> Event:
         """Decode an :data:`~kds.store.Event` (either kind) from msgpack *data*.

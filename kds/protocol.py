@@ -39,7 +39,7 @@ from cattrs.gen import make_dict_structure_fn
 from cattrs.v import format_exception
 
 from kds.catalog import DEFAULT_CATALOG
-from kds.codec import strict_converter
+from kds.codec import strict_converter, unpack
 from kds.errors import DecodeError, FrameTooLargeError, ProtocolError, VersionMismatchError
 from kds.resource import Catalog, Resource, ResourceKey
 from kds.store import Cursor, Deleted, Event, Upserted
@@ -450,12 +450,7 @@ def decode_frame(data: bytes, *, catalog: Catalog = DEFAULT_CATALOG) -> Frame:
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise DecodeError(f"expected bytes to decode, got {type(data).__name__}")
-    try:
-        unpacked = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except msgpack.ExtraData as exc:
-        raise ProtocolError(f"trailing bytes after a frame: {exc}") from exc
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise ProtocolError(f"frame is not valid msgpack: {type(exc).__name__}: {exc}") from exc
+    unpacked = unpack(bytes(data), "frame", ProtocolError)
     if not isinstance(unpacked, dict):
         raise ProtocolError(f"invalid frame: expected a map, got {type(unpacked).__name__} @ $")
     if "kind" not in unpacked:
