@@ -1,0 +1,615 @@
+"""One established session: both replication streams, acknowledgements and heartbeats.
+
+After the handshake, global and zone run the same :class:`Replicator`; what differs
+is given to it as two :class:`Direction` objects:
+
+* **outbound**: this side's log, streamed to the peer. It resumes after the cursor
+  the peer sent in the handshake when this log can (same epoch, not compacted,
+  not ahead), and otherwise sends a *reset*: a consistent snapshot, chunked. Each
+  event is filtered and mapped for the peer (:mod:`kds.sync.rules`); events the
+  peer does not get still move its cursor. At most ``window`` batches await an
+  acknowledgement.
+* **inbound**: the peer's log, applied to this side's store. Every resource is
+  validated and checked against what this side lets the peer own; the valid ones
+  are committed *together with the tracking cursor*, in one transaction, so a
+  crash can neither lose nor repeat a batch; the refused ones are named in a NACK.
+  A reset replaces exactly the resources the peer owns here.
+
+Frames are checked by :class:`~kds.protocol.ProtocolChecker` before anything acts
+on them: an undecodable or out-of-order frame ends the session with a Goodbye
+naming the problem, and never reaches the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from collections import Counter, deque
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import anyio
+import attrs
+
+from kds.errors import (
+    CompactedError,
+    ConfigError,
+    ConflictError,
+    EpochMismatchError,
+    FrameTooLargeError,
+    ProtocolError,
+    SessionClosedError,
+    ValidationError,
+)
+from kds.protocol import (
+    Ack,
+    Batch,
+    Goodbye,
+    GoodbyeCode,
+    Nack,
+    Ping,
+    Pong,
+    ProtocolChecker,
+    Rejection,
+    Reset,
+    batch_frames,
+    decode_frame,
+    encode_frame,
+    reset_frames,
+)
+from kds.resource import ResourceKey, validate_labels
+from kds.store import Cursor, Delete, Tracking, Upsert, Upserted
+from kds.transport import DEFAULT_MAX_FRAME_SIZE
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
+
+    from kds.protocol import Frame
+    from kds.resource import Catalog, Resource
+    from kds.store import Change, Event, Store
+    from kds.transport import Session
+
+__all__ = [
+    "Direction",
+    "Inbound",
+    "Outbound",
+    "Replicator",
+    "SessionEnded",
+    "StreamStats",
+    "SyncOptions",
+]
+
+logger = logging.getLogger(__name__)
+
+_READ_LIMIT: Final = 1000  # events read from the store per page
+
+
+def _positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"sync option {name} must be a number > 0, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class SyncOptions:
+    """Timing and flow-control settings of both engines.
+
+    Raises:
+        ConfigError: a setting is out of range, naming it.
+    """
+
+    heartbeat_interval: float = 5.0
+    """Seconds of silence after which a side sends a Ping (the global's value is used)."""
+    heartbeat_timeout: float = 15.0
+    """Seconds without any frame from the peer after which the session is ended."""
+    handshake_timeout: float = 10.0
+    """Seconds the zone waits for the Welcome, and the global for the Hello."""
+    window: int = 8
+    """Batches (and resets) a sender lets await acknowledgement before it waits."""
+    reconnect_base: float = 0.5
+    """Seconds before a zone's first reconnection attempt; doubles with each failure."""
+    reconnect_max: float = 30.0
+    """The longest a zone waits between reconnection attempts."""
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    """Largest frame this side accepts (announced in Hello/Welcome)."""
+    insight_interval: float = 10.0
+    """Seconds between the global's updates of a connected zone's ZoneInsight."""
+
+    def __attrs_post_init__(self) -> None:
+        for name in (
+            "heartbeat_interval",
+            "heartbeat_timeout",
+            "handshake_timeout",
+            "reconnect_base",
+            "reconnect_max",
+            "insight_interval",
+        ):
+            _positive(name, getattr(self, name))
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ConfigError(
+                "sync option heartbeat_timeout must be longer than heartbeat_interval "
+                f"({self.heartbeat_timeout} <= {self.heartbeat_interval})"
+            )
+        window: object = self.window  # typed int, but settings may come from anywhere
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ConfigError(f"sync option window must be an integer >= 1, got {self.window!r}")
+        if self.max_frame_size < 1024:
+            raise ConfigError(
+                f"sync option max_frame_size must be at least 1024 bytes, got {self.max_frame_size}"
+            )
+
+
+class SessionEnded(Exception):
+    """The session is over; *reason* says why, *code* is the Goodbye code if any.
+
+    Attributes:
+        reason: for the logs.
+        code: a :class:`~kds.protocol.GoodbyeCode` value, when one was sent or received.
+        by_peer: whether the peer (or the network) ended it.
+    """
+
+    def __init__(self, reason: str, *, code: str | None = None, by_peer: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+        self.by_peer = by_peer
+
+
+@attrs.define
+class StreamStats:
+    """Counters of one session (or, summed, of an engine), per resource type.
+
+    Attributes:
+        sent: events and snapshot resources sent, per type.
+        acknowledged: of those, the ones the peer applied.
+        rejected: of those, the ones the peer refused (NACKed).
+        received: events and snapshot resources received, per type.
+        resets_sent: snapshots sent (each counts once, whatever its chunks).
+        resets_received: snapshots received and applied.
+        batches_received: Batch frames received and applied.
+    """
+
+    sent: Counter[str] = attrs.Factory(Counter)
+    acknowledged: Counter[str] = attrs.Factory(Counter)
+    rejected: Counter[str] = attrs.Factory(Counter)
+    received: Counter[str] = attrs.Factory(Counter)
+    resets_sent: int = 0
+    resets_received: int = 0
+    batches_received: int = 0
+
+    def add(self, other: StreamStats) -> None:
+        """Add *other*'s counts to these."""
+        self.sent.update(other.sent)
+        self.acknowledged.update(other.acknowledged)
+        self.rejected.update(other.rejected)
+        self.received.update(other.received)
+        self.resets_sent += other.resets_sent
+        self.resets_received += other.resets_received
+        self.batches_received += other.batches_received
+
+
+class Outbound(Protocol):
+    """How this side's log is offered to the peer."""
+
+    def map_event(self, event: Event) -> Event | None:
+        """The event as the peer gets it, or ``None`` when it gets nothing for it."""
+
+    def map_snapshot(self, resources: Sequence[Resource]) -> list[Resource]:
+        """The resources of a consistent snapshot the peer gets, mapped for it."""
+
+    def needs_reset(self, event: Event) -> bool:
+        """Whether *event* changes what the peer should have beyond itself (filters moved)."""
+
+
+class Inbound(Protocol):
+    """How the peer's log is applied to this side's store."""
+
+    @property
+    def origin(self) -> str:
+        """The tracking origin under which the peer's cursor is committed."""
+
+    def accept(
+        self, key: ResourceKey, labels: Mapping[str, str]
+    ) -> tuple[ResourceKey, dict[str, str]]:
+        """This side's key and labels for a resource the peer sent.
+
+        Raises:
+            ValidationError: the peer may not send it (wrong type, bad key).
+        """
+
+    def owns(self, resource: Resource) -> bool:
+        """Whether *resource*, stored here, is the peer's to change and delete."""
+
+
+@attrs.frozen
+class Direction:
+    """Both directions of a session, from this side's point of view.
+
+    Attributes:
+        outbound: what this side sends.
+        inbound: how this side applies what it receives.
+        peer_cursor: the peer's position in this side's log, from the handshake.
+        receive_cursor: this side's position in the peer's log, from the handshake.
+    """
+
+    outbound: Outbound
+    inbound: Inbound
+    peer_cursor: Cursor | None
+    receive_cursor: Cursor | None
+
+
+class _ResetNeeded(Exception):
+    """The outbound stream must start over with a snapshot."""
+
+
+@attrs.define
+class _Pending:
+    """A sent batch or snapshot awaiting its ACK/NACK, with what it carried per type."""
+
+    revision: int
+    types: Counter[str]
+    keys: dict[ResourceKey, str]  # key -> type, to count rejections
+
+
+class Replicator:
+    """Runs both streams of one established session until it ends.
+
+    Args:
+        store: this side's store.
+        session: the session, after the handshake.
+        checker: the session's frame checker, which saw the handshake.
+        direction: what flows each way.
+        catalog: the types this side validates received resources against.
+        options: timing and flow control (heartbeats as agreed in the handshake).
+        max_frame_size: the largest frame the peer accepts.
+        name: for logs (``"zone-1 <- global"``).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        session: Session,
+        checker: ProtocolChecker,
+        direction: Direction,
+        *,
+        catalog: Catalog,
+        options: SyncOptions,
+        max_frame_size: int,
+        name: str,
+    ) -> None:
+        self._store = store
+        self._session = session
+        self._checker = checker
+        self._direction = direction
+        self._catalog = catalog
+        self._options = options
+        self._frame_limit = min(max_frame_size, session.max_frame_size)
+        self._name = name
+        self._send_lock = anyio.Lock()
+        self._acked = anyio.Event()
+        self._pending: deque[_Pending] = deque()
+        self._last_sent = self._last_received = anyio.current_time()
+        self._nonces = itertools.count(1)
+        self._reset_chunks: list[Resource] = []
+        self.stats = StreamStats()
+
+    # -- running ---------------------------------------------------------------------
+
+    async def run(self) -> SessionEnded:
+        """Replicate until the session ends; return why it ended.
+
+        Raises:
+            StoreError: this side's store failed (the session was ended with a
+                Goodbye saying so first).
+        """
+        ended: list[SessionEnded] = []
+        failures: list[Exception] = []
+
+        async def guard(task: Any) -> None:
+            try:
+                await task()
+            except SessionEnded as exc:
+                ended.append(exc)
+            except Exception as exc:  # a store failure, or a bug: reported below
+                failures.append(exc)
+            group.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(guard, self._receive_loop)
+            group.start_soon(guard, self._outbound_loop)
+            group.start_soon(guard, self._heartbeat_loop)
+        if failures:
+            # Tell the peer before the session goes; it reconnects with backoff.
+            error = failures[0]
+            await self._goodbye(GoodbyeCode.INTERNAL_ERROR, f"{type(error).__name__}: {error}")
+            raise error
+        return ended[0] if ended else SessionEnded("session ended", by_peer=False)
+
+    async def _send(self, frame: Frame) -> None:
+        data = encode_frame(frame)
+        async with self._send_lock:
+            self._checker.sent(frame)
+            try:
+                await self._session.send(data)
+            except SessionClosedError as exc:
+                raise SessionEnded(exc.reason, by_peer=exc.by_peer) from exc
+            self._last_sent = anyio.current_time()
+
+    async def _goodbye(self, code: GoodbyeCode, reason: str) -> None:
+        """Send a Goodbye (best effort) and close the session."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+            with contextlib.suppress(Exception):
+                await self._send(Goodbye(code=code.value, reason=reason))
+            await self._session.aclose(reason)
+
+    async def _fail(self, code: GoodbyeCode, reason: str) -> SessionEnded:
+        logger.warning("%s: ending the session (%s): %s", self._name, code.value, reason)
+        await self._goodbye(code, reason)
+        return SessionEnded(reason, code=code.value, by_peer=False)
+
+    # -- receiving -------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        while True:
+            try:
+                data = await self._session.receive()
+            except SessionClosedError as exc:
+                raise SessionEnded(exc.reason, by_peer=exc.by_peer) from exc
+            self._last_received = anyio.current_time()
+            try:
+                frame = decode_frame(data, catalog=self._catalog)
+                self._checker.received(frame)
+            except ProtocolError as exc:
+                raise await self._fail(GoodbyeCode.PROTOCOL_ERROR, str(exc)) from exc
+            await self._dispatch(frame)
+
+    async def _dispatch(self, frame: Frame) -> None:
+        if isinstance(frame, Batch):
+            await self._apply_batch(frame)
+        elif isinstance(frame, Reset):
+            await self._apply_reset_chunk(frame)
+        elif isinstance(frame, Ack | Nack):
+            self._acknowledged(frame)
+        elif isinstance(frame, Ping):
+            await self._send(Pong(nonce=frame.nonce))
+        elif isinstance(frame, Goodbye):
+            logger.info(
+                "%s: the peer ended the session (%s): %s", self._name, frame.code, frame.reason
+            )
+            raise SessionEnded(frame.reason, code=frame.code, by_peer=True)
+        # Pong: its arrival already counted as a sign of life.
+
+    def _acknowledged(self, frame: Ack | Nack) -> None:
+        pending = self._pending.popleft()
+        rejected: Counter[str] = Counter()
+        if isinstance(frame, Nack):
+            for rejection in frame.rejected:
+                type_name = pending.keys.get(rejection.key, rejection.key.type)
+                rejected[type_name] += 1
+                logger.warning(
+                    "%s: the peer refused %s: %s", self._name, rejection.key, rejection.reason
+                )
+        self.stats.rejected.update(rejected)
+        self.stats.acknowledged.update(pending.types - rejected)
+        self._acked.set()
+        self._acked = anyio.Event()
+
+    async def _resolve(
+        self, key: ResourceKey, labels: Mapping[str, str], spec: Mapping[str, Any] | None
+    ) -> tuple[ResourceKey, dict[str, str]] | str:
+        """This side's key and labels for a received resource, or why it is refused."""
+        inbound = self._direction.inbound
+        try:
+            local_key, local_labels = inbound.accept(key, labels)
+            resource_type = self._catalog.validate_key(local_key)
+            if spec is not None:
+                resource_type.validate_spec(spec)
+            validate_labels(local_labels)
+        except ValidationError as exc:
+            return f"invalid {exc.field}: {exc.reason}"
+        except (TypeError, ValueError) as exc:
+            return str(exc)
+        existing = await self._store.find(local_key)
+        if existing is not None and not inbound.owns(existing):
+            return f"{local_key} exists here and is not the sender's to change"
+        return local_key, local_labels
+
+    async def _apply_batch(self, frame: Batch) -> None:
+        changes: list[Change] = []
+        rejected: list[Rejection] = []
+        for event in frame.events:
+            self.stats.received[event.key.type] += 1
+            if isinstance(event, Upserted):
+                resource = event.resource
+                resolved = await self._resolve(resource.key, resource.labels, resource.spec)
+                if isinstance(resolved, str):
+                    rejected.append(Rejection(resource.key, resolved))
+                    continue
+                changes.append(Upsert(key=resolved[0], labels=resolved[1], spec=resource.spec))
+            else:
+                resolved = await self._resolve(event.key, event.labels, None)
+                if isinstance(resolved, str):
+                    continue  # not ours to delete: nothing to do, nothing to report
+                changes.append(Delete(key=resolved[0], missing_ok=True))
+        cursor = Cursor(frame.epoch, frame.revision)
+        await self._commit(changes, cursor, rejected)
+        self.stats.batches_received += 1
+        await self._acknowledge(frame.revision, rejected)
+
+    async def _commit(
+        self, changes: Sequence[Change], cursor: Cursor, rejected: list[Rejection]
+    ) -> None:
+        """Apply *changes* with the tracking cursor, all or nothing."""
+        tracking = Tracking(self._direction.inbound.origin, cursor)
+        try:
+            await self._store.commit(_last_change_per_key(changes), tracking=tracking)
+        except ConflictError:
+            # The cursor is already there: this very batch was applied (a retry after
+            # an unknown outcome). Applying it again would repeat it; it is done.
+            stored = await self._store.tracking(tracking.origin)
+            if stored is None or stored.epoch != cursor.epoch or stored.revision < cursor.revision:
+                raise
+        except ValidationError as exc:
+            # A change the checks above let through but the store refuses: report it
+            # rather than loop on it, and still move the cursor.
+            logger.warning("%s: a received batch was refused by the store: %s", self._name, exc)
+            rejected.extend(Rejection(c.key, str(exc)) for c in changes if isinstance(c, Upsert))
+            await self._store.commit([], tracking=tracking)
+
+    async def _acknowledge(self, revision: int, rejected: Sequence[Rejection]) -> None:
+        if rejected:
+            await self._send(Nack(revision=revision, rejected=tuple(_unique(rejected))))
+        else:
+            await self._send(Ack(revision=revision))
+
+    async def _apply_reset_chunk(self, frame: Reset) -> None:
+        self._reset_chunks.extend(frame.resources)
+        if not frame.final:
+            return
+        resources, self._reset_chunks = self._reset_chunks, []
+        inbound = self._direction.inbound
+        desired: dict[ResourceKey, Upsert] = {}
+        rejected: list[Rejection] = []
+        for resource in resources:
+            self.stats.received[resource.key.type] += 1
+            resolved = await self._resolve(resource.key, resource.labels, resource.spec)
+            if isinstance(resolved, str):
+                rejected.append(Rejection(resource.key, resolved))
+                continue
+            key, labels = resolved
+            desired[key] = Upsert(key=key, labels=labels, spec=resource.spec)
+        # Replace exactly what the peer owns here: delete what it no longer has.
+        changes: list[Change] = [
+            Delete(key=resource.key, missing_ok=True)
+            for resource in await self._store.list_resources()
+            if inbound.owns(resource) and resource.key not in desired
+        ]
+        changes.extend(desired.values())
+        await self._commit(changes, Cursor(frame.epoch, frame.revision), rejected)
+        self.stats.resets_received += 1
+        logger.info(
+            "%s: applied a snapshot of %d resources at revision %d",
+            self._name,
+            len(desired),
+            frame.revision,
+        )
+        await self._acknowledge(frame.revision, rejected)
+
+    # -- sending ---------------------------------------------------------------------
+
+    async def _outbound_loop(self) -> None:
+        store = self._store
+        outbound = self._direction.outbound
+        position = await self._start()
+        sent_position = position
+        while True:
+            try:
+                events = await store.read(position, limit=_READ_LIMIT)
+            except CompactedError:
+                position = sent_position = await self._send_reset()
+                continue
+            if not events:
+                if position > sent_position:
+                    # Caught up after events the peer does not get: move its cursor
+                    # (what it resumes from) with one empty batch.
+                    await self._send_batches([], position)
+                    sent_position = position
+                await store.wait_for_commit(position)
+                continue
+            if any(outbound.needs_reset(event) for event in events):
+                position = sent_position = await self._send_reset()
+                continue
+            mapped = [m for m in map(outbound.map_event, events) if m is not None]
+            position = events[-1].revision
+            if mapped:
+                await self._send_batches(mapped, position)
+                sent_position = position
+
+    async def _start(self) -> int:
+        """Where the outbound stream starts: after the peer's cursor, or after a reset."""
+        cursor = self._direction.peer_cursor
+        if cursor is not None:
+            try:
+                await self._store.check_cursor(cursor)
+            except (EpochMismatchError, CompactedError) as exc:
+                logger.info(
+                    "%s: cannot resume after %s (%s): sending a snapshot", self._name, cursor, exc
+                )
+            else:
+                return cursor.revision
+        return await self._send_reset()
+
+    async def _wait_for_window(self) -> None:
+        while len(self._pending) >= self._options.window:
+            await self._acked.wait()
+
+    async def _send_batches(self, events: Sequence[Event], revision: int) -> None:
+        try:
+            frames = batch_frames(
+                self._store.epoch, events, max_frame_size=self._frame_limit, revision=revision
+            )
+        except FrameTooLargeError as exc:
+            raise await self._fail(GoodbyeCode.INTERNAL_ERROR, str(exc)) from exc
+        for frame in frames:
+            await self._wait_for_window()
+            types = Counter(event.key.type for event in frame.events)
+            keys = {event.key: event.key.type for event in frame.events}
+            self._pending.append(_Pending(frame.revision, types, keys))
+            self.stats.sent.update(types)
+            await self._send(frame)
+
+    async def _send_reset(self) -> int:
+        snapshot = await self._store.snapshot()
+        resources = self._direction.outbound.map_snapshot(snapshot.resources)
+        revision = snapshot.cursor.revision
+        try:
+            frames = reset_frames(
+                snapshot.cursor.epoch, revision, resources, max_frame_size=self._frame_limit
+            )
+        except FrameTooLargeError as exc:
+            raise await self._fail(GoodbyeCode.INTERNAL_ERROR, str(exc)) from exc
+        await self._wait_for_window()
+        types = Counter(resource.key.type for resource in resources)
+        keys = {resource.key: resource.key.type for resource in resources}
+        self._pending.append(_Pending(revision, types, keys))
+        self.stats.sent.update(types)
+        self.stats.resets_sent += 1
+        for frame in frames:
+            await self._send(frame)
+        return revision
+
+    # -- heartbeats ------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self._options.heartbeat_interval
+        timeout = self._options.heartbeat_timeout
+        while True:
+            now = anyio.current_time()
+            silent = now - self._last_received
+            if silent > timeout:
+                raise await self._fail(
+                    GoodbyeCode.HEARTBEAT_TIMEOUT,
+                    f"nothing received for {silent:.1f}s (timeout {timeout}s)",
+                )
+            if now - self._last_sent >= interval:
+                await self._send(Ping(nonce=next(self._nonces)))
+            wake = min(self._last_sent + interval, self._last_received + timeout)
+            await anyio.sleep(max(0.0, wake - anyio.current_time()) + 0.001)
+
+
+def _last_change_per_key(changes: Iterable[Change]) -> list[Change]:
+    """*changes* keeping, for each key, only its last change (where it was last)."""
+    last: dict[ResourceKey, Change] = {}
+    for change in changes:
+        last.pop(change.key, None)
+        last[change.key] = change
+    return list(last.values())
+
+
+def _unique(rejections: Iterable[Rejection]) -> list[Rejection]:
+    seen: set[ResourceKey] = set()
+    unique = []
+    for rejection in rejections:
+        if rejection.key not in seen:
+            seen.add(rejection.key)
+            unique.append(rejection)
+    return unique
