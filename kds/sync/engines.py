@@ -185,6 +185,14 @@ class _ToZone:
         disabled = isinstance(event, Upserted) and not _is_enabled_zone(event.resource)
         return disabled != (name in self.disabled)
 
+    def ends_session(self, event: Event) -> str | None:
+        if event.key.type != "Zone" or event.key.name != self.zone:
+            return None
+        if isinstance(event, Upserted) and _is_enabled_zone(event.resource):
+            return None
+        state = "disabled" if isinstance(event, Upserted) else "deleted"
+        return f"zone {self.zone!r} was {state} on the global"
+
 
 @attrs.define
 class _FromZone:
@@ -224,6 +232,9 @@ class _ToGlobal:
 
     def needs_reset(self, event: Event) -> bool:
         return False
+
+    def ends_session(self, event: Event) -> str | None:
+        return None
 
 
 @attrs.define

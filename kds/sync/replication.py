@@ -163,6 +163,7 @@ class StreamStats:
         acknowledged: of those, the ones the peer applied.
         rejected: of those, the ones the peer refused (NACKed).
         received: events and snapshot resources received, per type.
+        refused: of those, the ones this side refused (and NACKed), per type.
         resets_sent: snapshots sent (each counts once, whatever its chunks).
         resets_received: snapshots received and applied.
         batches_received: Batch frames received and applied.
@@ -172,6 +173,7 @@ class StreamStats:
     acknowledged: Counter[str] = attrs.Factory(Counter)
     rejected: Counter[str] = attrs.Factory(Counter)
     received: Counter[str] = attrs.Factory(Counter)
+    refused: Counter[str] = attrs.Factory(Counter)
     resets_sent: int = 0
     resets_received: int = 0
     batches_received: int = 0
@@ -182,6 +184,7 @@ class StreamStats:
         self.acknowledged.update(other.acknowledged)
         self.rejected.update(other.rejected)
         self.received.update(other.received)
+        self.refused.update(other.refused)
         self.resets_sent += other.resets_sent
         self.resets_received += other.resets_received
         self.batches_received += other.batches_received
@@ -198,6 +201,9 @@ class Outbound(Protocol):
 
     def needs_reset(self, event: Event) -> bool:
         """Whether *event* changes what the peer should have beyond itself (filters moved)."""
+
+    def ends_session(self, event: Event) -> str | None:
+        """Why *event* ends the session (the peer was disabled), or ``None``."""
 
 
 class Inbound(Protocol):
@@ -457,7 +463,11 @@ class Replicator:
 
     async def _acknowledge(self, revision: int, rejected: Sequence[Rejection]) -> None:
         if rejected:
-            await self._send(Nack(revision=revision, rejected=tuple(_unique(rejected))))
+            unique = _unique(rejected)
+            self.stats.refused.update(rejection.key.type for rejection in unique)
+            for rejection in unique:
+                logger.warning("%s: refused %s: %s", self._name, rejection.key, rejection.reason)
+            await self._send(Nack(revision=revision, rejected=tuple(unique)))
         else:
             await self._send(Ack(revision=revision))
 
@@ -515,6 +525,10 @@ class Replicator:
                     sent_position = position
                 await store.wait_for_commit(position)
                 continue
+            for event in events:
+                reason = outbound.ends_session(event)
+                if reason is not None:
+                    raise await self._fail(GoodbyeCode.ZONE_DISABLED, reason)
             if any(outbound.needs_reset(event) for event in events):
                 position = sent_position = await self._send_reset()
                 continue
