@@ -253,7 +253,7 @@ async def receive_until(session: Session, done: Callable[[Any], bool]) -> list[A
 
 async def drain(session: Session) -> list[Any]:
     """Every frame until the session ends (which it must before the deadline)."""
-    frames = []
+    frames: list[Any] = []
     with anyio.fail_after(DEADLINE):
         while True:
             try:
