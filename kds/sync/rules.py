@@ -173,12 +173,14 @@ def owned_by_global(resource: Resource) -> bool:
 def sent_by_zone(catalog: Catalog, key: ResourceKey, labels: Mapping[str, str]) -> bool:
     """Whether a zone offers a resource of its log to the global.
 
-    Only its locally originated resources of types zones send: copies received
-    from the global are never echoed back.
+    Only its locally originated resources of types zones send, and not those
+    labelled ``kuma.io/kds-sync: disabled`` (the label keeps a resource where it
+    was created, in either direction): copies received from the global are never
+    echoed back.
     """
     if key.type not in catalog or not catalog[key.type].sent_from_zone:
         return False
-    return is_locally_originated(labels)
+    return is_locally_originated(labels) and labels.get(LABEL_KDS_SYNC) != "disabled"
 
 
 def zone_to_global(key: ResourceKey, labels: Mapping[str, str], zone: str) -> Copy:

@@ -32,3 +32,12 @@ def test_custom_resource_type():
     out = _run("custom_resource_type.py")
     assert "FeatureFlag" in out
     assert "refused: changes[0].spec.enabled: must be a boolean, got str" in out
+
+
+def test_replicate_in_process(tmp_path):
+    out = _run("replicate_in_process.py", str(tmp_path))
+    assert "MeshTimeout/default/timeouts-" in out  # the hash-suffix name in the zones
+    zone1 = out.split("zone-1:")[1].split("zone-2:")[0]
+    assert "ZoneIngress/ingress-zone-1  origin=zone zone=-" in zone1  # its own, untouched
+    assert "origin=global zone=zone-2" in zone1  # zone-2's, via the global
+    assert "origin=zone zone=zone-1" not in zone1  # never its own back
