@@ -583,3 +583,40 @@ def _needs_owner(spec: Any) -> None:
 
     if "owner" not in spec:
         raise ValidationError("spec.owner", "is required")
+
+
+async def test_a_zone_that_stops_acknowledging_gets_at_most_a_window_of_batches():
+    transport = MemoryTransport()
+    global_store = await store_with(Upsert(key=ResourceKey("Mesh", None, "default"), spec={}))
+    async with running_global(global_store, transport):
+        session = await transport.with_identity("zone-1").connect()
+        async with session:
+            await handshake(session, "zone-1")
+            reset = await receive_until(session, lambda f: isinstance(f, Reset) and f.final)
+            # The snapshot awaits its ACK; now many changes, one commit each.
+            for number in range(3 * FAST.window):
+                await global_store.commit([mesh_timeout(f"t{number}")])
+            unacked: list[Any] = [reset[-1]]
+            # Watch for a while (many heartbeat intervals): answer Pings, ACK nothing.
+            with anyio.move_on_after(20 * FAST.heartbeat_interval):
+                while True:
+                    frame = decode_frame(await session.receive())
+                    if isinstance(frame, Ping):
+                        await send_frame(session, Pong(nonce=frame.nonce))
+                    elif isinstance(frame, Batch):
+                        unacked.append(frame)
+            assert len(unacked) == FAST.window
+            # Acknowledging lets the rest through.
+            for frame in unacked:
+                await send_frame(session, Ack(revision=frame.revision))
+            last = await global_store.head()
+            await receive_until(session, lambda f: isinstance(f, Batch) and f.revision == last)
+
+
+def test_reconnect_backoff_grows_to_its_cap_with_jitter():
+    options = SyncOptions(reconnect_base=0.5, reconnect_max=8.0)
+    engine = ZoneEngine(MemoryStore(), MemoryTransport(), zone="zone-1", options=options)
+    for failures, full in [(0, 0.5), (1, 1.0), (2, 2.0), (4, 8.0), (10, 8.0), (1000, 8.0)]:
+        delays = [engine._backoff(failures) for _ in range(200)]
+        assert all(full / 2 <= delay <= full for delay in delays), (failures, min(delays))
+        assert len(set(delays)) > 100  # jittered: zones do not retry in step
