@@ -126,16 +126,32 @@ def _is_enabled_zone(resource: Resource) -> bool:
 
 @attrs.define
 class _ToZone:
-    """The global's log as one zone gets it."""
+    """The global's log as one zone gets it.
+
+    Which other zones are disabled decides what this zone gets of theirs. A
+    snapshot records that set; a session that resumes instead starts from the
+    set as it is now but does not know what the zone last saw, so the first
+    change to another zone's Zone resource it meets sends a snapshot (rare:
+    Zone resources change only on first connect and when enabled or disabled).
+
+    Attributes:
+        catalog: the global's types.
+        zone: the receiving zone.
+        types: the types the zone declared it knows; it gets no others.
+        disabled: the zones whose resources it does not get.
+        known: whether *disabled* is what the zone's copy reflects.
+    """
 
     catalog: Catalog
     zone: str
+    types: frozenset[str]
     disabled: set[str] = attrs.Factory(set)
+    known: bool = False
 
     def map_event(self, event: Event) -> Event | None:
         key = event.key
         labels = event.resource.labels if isinstance(event, Upserted) else event.labels
-        if key.type not in self.catalog:
+        if key.type not in self.catalog or key.type not in self.types:
             return None
         resource_type = self.catalog[key.type]
         if not resource_type.sent_from_global or labels.get(LABEL_ZONE) == self.zone:
@@ -162,12 +178,11 @@ class _ToZone:
         return Deleted(revision=event.revision, key=copy.key, version=version, labels=copy.labels)
 
     def map_snapshot(self, resources: Sequence[Resource]) -> list[Resource]:
-        self.disabled = {
-            r.key.name for r in resources if r.key.type == "Zone" and not _is_enabled_zone(r)
-        }
+        self.disabled = _disabled_zones(resources)
+        self.known = True
         mapped = []
         for resource in resources:
-            if resource.labels.get(LABEL_ZONE) == self.zone:
+            if resource.key.type not in self.types or resource.labels.get(LABEL_ZONE) == self.zone:
                 continue
             copy = rules.global_to_zone(
                 self.catalog, resource.key, resource.labels, self.zone, self.disabled
@@ -181,6 +196,8 @@ class _ToZone:
         # zone should have, beyond any one event: start over from a snapshot.
         if event.key.type != "Zone" or event.key.name == self.zone:
             return False
+        if not self.known:
+            return True
         name = event.key.name
         disabled = isinstance(event, Upserted) and not _is_enabled_zone(event.resource)
         return disabled != (name in self.disabled)
@@ -192,6 +209,10 @@ class _ToZone:
             return None
         state = "disabled" if isinstance(event, Upserted) else "deleted"
         return f"zone {self.zone!r} was {state} on the global"
+
+
+def _disabled_zones(resources: Sequence[Resource]) -> set[str]:
+    return {r.key.name for r in resources if r.key.type == "Zone" and not _is_enabled_zone(r)}
 
 
 @attrs.define
@@ -222,13 +243,18 @@ class _ToGlobal:
     """A zone's log as the global gets it: the zone's own resources only."""
 
     catalog: Catalog
+    types: frozenset[str]
+    """The types the global declared it knows; it gets no others."""
+
+    def _sent(self, key: ResourceKey, labels: Mapping[str, str]) -> bool:
+        return key.type in self.types and rules.sent_by_zone(self.catalog, key, labels)
 
     def map_event(self, event: Event) -> Event | None:
         labels = event.resource.labels if isinstance(event, Upserted) else event.labels
-        return event if rules.sent_by_zone(self.catalog, event.key, labels) else None
+        return event if self._sent(event.key, labels) else None
 
     def map_snapshot(self, resources: Sequence[Resource]) -> list[Resource]:
-        return [r for r in resources if rules.sent_by_zone(self.catalog, r.key, r.labels)]
+        return [r for r in resources if self._sent(r.key, r.labels)]
 
     def needs_reset(self, event: Event) -> bool:
         return False
@@ -413,7 +439,12 @@ class GlobalEngine:
             session,
             checker,
             Direction(
-                outbound=_ToZone(self.catalog, zone),
+                outbound=_ToZone(
+                    self.catalog,
+                    zone,
+                    frozenset(hello.types),
+                    _disabled_zones(await self.store.list_resources("Zone")),
+                ),
                 inbound=_FromZone(self.catalog, zone),
                 peer_cursor=hello.cursor,
                 receive_cursor=cursor,
@@ -614,7 +645,7 @@ class ZoneEngine:
             session,
             checker,
             Direction(
-                outbound=_ToGlobal(self.catalog),
+                outbound=_ToGlobal(self.catalog, frozenset(answer.types)),
                 inbound=_FromGlobal(self.catalog),
                 peer_cursor=answer.cursor,
                 receive_cursor=hello.cursor,

@@ -620,3 +620,49 @@ def test_reconnect_backoff_grows_to_its_cap_with_jitter():
         delays = [engine._backoff(failures) for _ in range(200)]
         assert all(full / 2 <= delay <= full for delay in delays), (failures, min(delays))
         assert len(set(delays)) > 100  # jittered: zones do not retry in step
+
+
+async def test_a_zone_disabled_while_another_was_offline_is_removed_on_resume():
+    transport = MemoryTransport()
+    global_store = await store_with()
+    zone1 = await store_with()
+    zone3 = await store_with(zone_resource("ZoneIngress", "zi-3"))
+    copy = hashed_name("", "zi-3", "zone-3")
+    async with running_global(global_store, transport) as engine:
+        async with (
+            running_zone(zone1, transport, "zone-1"),
+            running_zone(zone3, transport, "zone-3"),
+        ):
+            await wait_for(lambda: _has(zone1, "ZoneIngress", copy), "zone-1 sees zi-3")
+        await wait_for(lambda: not engine.connected_zones, "both gone")
+        # While zone-1 is away, zone-3 is disabled.
+        await global_store.commit([Upsert(key=zone_key("zone-3"), spec={"enabled": False})])
+        async with running_zone(zone1, transport, "zone-1") as zone:
+            await wait_for(lambda: _lacks(zone1, "ZoneIngress", copy), "zi-3 removed")
+            await wait_for(lambda: zone.current_stats.resets_received == 1, "by a snapshot")
+
+
+async def test_a_zone_gets_only_the_types_it_knows():
+    # An older zone that does not know a type the global has.
+    zone_catalog = _catalog_without(DEFAULT_CATALOG, "MeshTimeout")
+    transport = MemoryTransport()
+    global_store = await store_with(
+        Upsert(key=ResourceKey("Mesh", None, "default"), spec={}), mesh_timeout("t")
+    )
+    zone_store = await store_with(catalog=zone_catalog)
+    async with (
+        running_global(global_store, transport),
+        running_zone(zone_store, transport, "zone-1", catalog=zone_catalog) as zone,
+    ):
+        await wait_for(lambda: _has(zone_store, "Mesh", "default"), "the mesh arrives")
+        await global_store.commit(
+            [mesh_timeout("t2"), Upsert(key=ResourceKey("Mesh", None, "m2"), spec={})]
+        )
+        await wait_for(lambda: _has(zone_store, "Mesh", "m2"), "later changes arrive")
+        assert zone.sessions == 1  # no frame it cannot read ever ended its session
+
+
+def _catalog_without(catalog: Catalog, name: str) -> Catalog:
+    from kds.resource import Catalog as CatalogClass
+
+    return CatalogClass.of(t for t in catalog if t.name != name)
