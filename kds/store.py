@@ -522,6 +522,19 @@ class Store(ABC):
             return await self.get(key)
         return None
 
+    async def find_many(self, keys: Collection[ResourceKey]) -> dict[ResourceKey, Resource]:
+        """Return the stored resources at *keys* (missing keys are absent from the result).
+
+        All from one consistent read where the backend allows; backends override
+        this default (one :meth:`find` per key) with a single query.
+        """
+        found: dict[ResourceKey, Resource] = {}
+        for key in keys:
+            resource = await self.find(key)
+            if resource is not None:
+                found[key] = resource
+        return found
+
     @abstractmethod
     async def list_resources(
         self,

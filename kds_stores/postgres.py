@@ -1027,6 +1027,20 @@ class PostgresStore(LogStore):
             raise NotFoundError(key)
         return self._resources(_tuples(rows))[0]
 
+    async def find_many(self, keys: Collection[ResourceKey]) -> dict[ResourceKey, Resource]:
+        self._check_open()
+        stored = [k for k in {db_key(key) for key in keys} if k is not None]
+        if not stored:
+            return {}
+        rows = await self._fetch(
+            self._sql.find_many,
+            [k[0] for k in stored],
+            [k[1] for k in stored],
+            [k[2] for k in stored],
+            action="reading resources",
+        )
+        return {resource.key: resource for resource in self._resources(_tuples(rows))}
+
     async def list_resources(
         self,
         type_name: str | None = None,
@@ -1246,6 +1260,12 @@ class _Statements:
             f"SELECT {_RESOURCE_COLUMNS} FROM {s}.kds_resources "  # noqa: S608
             "WHERE ($1::text IS NULL OR type = $1) AND ($2::text IS NULL OR mesh = $2) "
             "ORDER BY type, mesh, name"
+        )
+        self.find_many = (
+            "SELECT r.type, r.mesh, r.name, r.labels, r.spec, r.version, r.created_at, "  # noqa: S608
+            "r.modified_at FROM unnest($1::text[], $2::text[], $3::text[]) AS k(type, mesh, name) "
+            f"JOIN {s}.kds_resources AS r "
+            "ON r.type = k.type AND r.mesh = k.mesh AND r.name = k.name"
         )
         self.list_types = (
             f"SELECT {_RESOURCE_COLUMNS} FROM {s}.kds_resources "  # noqa: S608

@@ -720,6 +720,25 @@ class SQLiteStore(LogStore):
             raise NotFoundError(key)
         return self._resources(rows)[0]
 
+    async def find_many(self, keys: Collection[ResourceKey]) -> dict[ResourceKey, Resource]:
+        self._check_open()
+        stored = [k for k in {db_key(key) for key in keys} if k is not None]
+        action = "reading resources"
+        rows: list[tuple[Any, ...]] = []
+        columns = ", ".join(f"r.{column}" for column in _RESOURCE_COLUMNS.split(", "))
+        # One read snapshot for every chunk; as in _fetch_rows, joining a VALUES
+        # list probes the primary key once per key. Only placeholders are interpolated.
+        async with self._read_transaction(action) as db:
+            for part in chunks(stored, max(1, _variable_limit() // 3)):
+                sql = (
+                    f"SELECT {columns} FROM (VALUES {', '.join(['(?, ?, ?)'] * len(part))}) "  # noqa: S608
+                    "AS k CROSS JOIN resources AS r "
+                    "ON r.type = k.column1 AND r.mesh = k.column2 AND r.name = k.column3"
+                )
+                params = [value for key in part for value in key]
+                rows.extend(await self._run(db, sql, params, action))
+        return {resource.key: resource for resource in self._resources(rows)}
+
     async def list_resources(
         self,
         type_name: str | None = None,

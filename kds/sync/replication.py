@@ -399,13 +399,12 @@ class Replicator:
         self._acked.set()
         self._acked = anyio.Event()
 
-    async def _resolve(
+    def _accept(
         self, key: ResourceKey, labels: Mapping[str, str], spec: Mapping[str, Any] | None
     ) -> tuple[ResourceKey, dict[str, str]] | str:
         """This side's key and labels for a received resource, or why it is refused."""
-        inbound = self._direction.inbound
         try:
-            local_key, local_labels = inbound.accept(key, labels)
+            local_key, local_labels = self._direction.inbound.accept(key, labels)
             resource_type = self._catalog.validate_key(local_key)
             if spec is not None:
                 resource_type.validate_spec(spec)
@@ -414,28 +413,52 @@ class Replicator:
             return f"invalid {exc.field}: {exc.reason}"
         except (TypeError, ValueError) as exc:
             return str(exc)
-        existing = await self._store.find(local_key)
-        if existing is not None and not inbound.owns(existing):
-            return f"{local_key} exists here and is not the sender's to change"
         return local_key, local_labels
+
+    async def _resolve(
+        self, items: Sequence[tuple[ResourceKey, Mapping[str, str], Mapping[str, Any] | None]]
+    ) -> list[tuple[ResourceKey, dict[str, str]] | str]:
+        """:meth:`_accept` each item, then refuse those whose key holds what the peer does not own.
+
+        One :meth:`~kds.Store.find_many` for the whole list.
+        """
+        accepted = [self._accept(key, labels, spec) for key, labels, spec in items]
+        existing = await self._store.find_many(
+            [result[0] for result in accepted if not isinstance(result, str)]
+        )
+        owns = self._direction.inbound.owns
+        resolved: list[tuple[ResourceKey, dict[str, str]] | str] = []
+        for result in accepted:
+            if not isinstance(result, str):
+                stored = existing.get(result[0])
+                if stored is not None and not owns(stored):
+                    result = f"{result[0]} exists here and is not the sender's to change"
+            resolved.append(result)
+        return resolved
 
     async def _apply_batch(self, frame: Batch) -> None:
         changes: list[Change] = []
         rejected: list[Rejection] = []
+        received = self.stats.received
+        items: list[tuple[ResourceKey, Mapping[str, str], Mapping[str, Any] | None]] = []
         for event in frame.events:
-            self.stats.received[event.key.type] += 1
+            received[event.key.type] += 1
             if isinstance(event, Upserted):
                 resource = event.resource
-                resolved = await self._resolve(resource.key, resource.labels, resource.spec)
-                if isinstance(resolved, str):
-                    rejected.append(Rejection(resource.key, resolved))
-                    continue
-                changes.append(Upsert(key=resolved[0], labels=resolved[1], spec=resource.spec))
+                items.append((resource.key, resource.labels, resource.spec))
             else:
-                resolved = await self._resolve(event.key, event.labels, None)
+                items.append((event.key, event.labels, None))
+        for event, resolved in zip(frame.events, await self._resolve(items), strict=True):
+            if isinstance(event, Upserted):
                 if isinstance(resolved, str):
-                    continue  # not ours to delete: nothing to do, nothing to report
+                    rejected.append(Rejection(event.key, resolved))
+                    continue
+                changes.append(
+                    Upsert(key=resolved[0], labels=resolved[1], spec=event.resource.spec)
+                )
+            elif not isinstance(resolved, str):
                 changes.append(Delete(key=resolved[0], missing_ok=True))
+            # A deletion of what the peer does not own here: nothing to do or report.
         cursor = Cursor(frame.epoch, frame.revision)
         await self._commit(changes, cursor, rejected)
         self.stats.batches_received += 1
@@ -479,9 +502,9 @@ class Replicator:
         inbound = self._direction.inbound
         desired: dict[ResourceKey, Upsert] = {}
         rejected: list[Rejection] = []
-        for resource in resources:
-            self.stats.received[resource.key.type] += 1
-            resolved = await self._resolve(resource.key, resource.labels, resource.spec)
+        self.stats.received.update(resource.key.type for resource in resources)
+        everything = await self._resolve([(r.key, r.labels, r.spec) for r in resources])
+        for resource, resolved in zip(resources, everything, strict=True):
             if isinstance(resolved, str):
                 rejected.append(Rejection(resource.key, resolved))
                 continue

@@ -953,11 +953,11 @@ async def check_reads(
     after: float = 0.0,
     limit: int = 1000,
 ) -> None:
-    """get, find, list_resources, snapshot and read agree with each other.
+    """get, find, find_many, list_resources, snapshot and read agree with each other.
 
     After *batches*: ``list_resources`` with the given filters returns exactly the
-    matching resources, sorted by key; ``get``/``find`` of each of *keys* agree
-    with the view; ``read(after, limit=limit)`` returns the first *limit*
+    matching resources, sorted by key; ``get``/``find`` of each of *keys*, and
+    ``find_many`` of all of them, agree with the view; ``read(after, limit=limit)`` returns the first *limit*
     events after *after* (a fraction of the head); reading at or past the head
     returns nothing; bad ``after``/``limit`` raise ValueError;
     ``wait_for_commit`` below the head returns at once.
@@ -981,6 +981,15 @@ async def check_reads(
             f"list_resources({type_name!r}, mesh={mesh!r}, labels={labels!r})",
         )
         by_key = {resource.key: resource for resource in everything}
+        # find_many of the given keys plus some that exist: exactly the stored ones.
+        wanted = [*keys, *list(by_key)[:5]]
+        many = await store.find_many(wanted)
+        _equal(
+            {key: resource.content() for key, resource in many.items()},
+            {key: by_key[key].content() for key in wanted if key in by_key},
+            f"find_many({wanted})",
+        )
+        _equal(await store.find_many([]), {}, "find_many([])")
         for key in keys:
             found = await store.find(key)
             _equal(

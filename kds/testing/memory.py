@@ -174,6 +174,11 @@ class MemoryStore(Store):
             raise NotFoundError(key)
         return row.resource
 
+    async def find_many(self, keys: Collection[ResourceKey]) -> dict[ResourceKey, Resource]:
+        self._check_open()
+        view = self._view
+        return {key: view[key].resource for key in keys if key in view}
+
     async def list_resources(
         self,
         type_name: str | None = None,
