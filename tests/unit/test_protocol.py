@@ -1101,3 +1101,59 @@ def test_random_valid_streams_are_accepted_and_tracked(steps, chunks):
             talk.zone.inbound == talk.global_.outbound == (Cursor(epoch, head) if epoch else None)
         )
         assert talk.global_.unacked == len(in_flight)
+
+
+# -- the fast path for Batch and Reset frames agrees with the converter ------------------
+
+
+@given(frame=batches() | resets)
+def test_the_fast_path_encodes_and_decodes_as_the_converter_does(frame):
+    from kds import protocol
+
+    fast = protocol._unstructure(frame)
+    slow = {"kind": frame.kind, **protocol._CONVERTER.unstructure(frame, type(frame))}
+    assert fast == slow  # the same maps, field for field
+    wire = msgpack.unpackb(encode_frame(frame))
+    assert protocol._read_fast(wire) == protocol._CONVERTER.structure(wire, type(frame)) == frame
+
+
+@given(frame=batches() | resets, data=st.data())
+def test_the_fast_path_declines_what_it_does_not_recognise(frame, data):
+    """Any field of the wrong type makes the fast path step aside (never guess)."""
+    from kds import protocol
+
+    wire = msgpack.unpackb(encode_frame(frame))
+    paths = list(_leaf_paths(wire))
+    path = data.draw(st.sampled_from(paths))
+    broken = _replace(wire, path, data.draw(st.sampled_from([True, "1", 1.5, [], {}, None])))
+    try:
+        expected = protocol._CONVERTER.structure(broken, type(frame))
+    except Exception:
+        assert protocol._read_fast(broken) is None
+    else:
+        fast = protocol._read_fast(broken)
+        assert fast is None or fast == expected
+
+
+def _leaf_paths(value, path=()):
+    if isinstance(value, dict):
+        if not value:
+            yield path
+        for key, item in value.items():
+            if path and path[-1] in ("spec",):
+                continue  # free-form: any content is valid
+            yield from _leaf_paths(item, (*path, key))
+    elif isinstance(value, list):
+        yield path
+        for index, item in enumerate(value):
+            yield from _leaf_paths(item, (*path, index))
+    else:
+        yield path
+
+
+def _replace(value, path, new):
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = _replace(value[path[0]], path[1:], new)
+    return copy
