@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime
 from typing import Any, Final
@@ -328,11 +329,19 @@ def validate_labels(labels: object) -> None:
 
 def _fnv64a(data: bytes) -> int:
     value = _FNV64_OFFSET
+    prime, mask = _FNV64_PRIME, _U64  # locals: this loop runs for every replicated copy
     for byte in data:
-        value = ((value ^ byte) * _FNV64_PRIME) & _U64
+        value = ((value ^ byte) * prime) & mask
     return value
 
 
+# Each hex digit's letter in the suffix: translating the digest beats a per-digit lookup.
+_SUFFIX_LETTERS: Final = str.maketrans(
+    {digit: _SAFE_ALPHABET[ord(digit) % len(_SAFE_ALPHABET)] for digit in "0123456789abcdef"}
+)
+
+
+@functools.lru_cache(maxsize=65536)
 def hashed_name(mesh: str, name: str, *extra: str) -> str:
     """Return the hash-suffix name Kuma gives copies of a resource in other planes.
 
@@ -341,12 +350,13 @@ def hashed_name(mesh: str, name: str, *extra: str) -> str:
     alphabet without vowels, giving a DNS-safe 16-character suffix. The result is
     byte-for-byte what Kuma computes, so kds and Kuma name copies alike.
 
+    Results are cached: the global names each copy once per zone it sends it to.
+
     >>> hashed_name("default", "redis-zone-2", "zone-2")
     'redis-zone-2-ff29vc4685c6f594'
     """
     digest = format(_fnv64a("".join((mesh, name, *extra)).encode()), "016x")
-    suffix = "".join(_SAFE_ALPHABET[ord(ch) % len(_SAFE_ALPHABET)] for ch in digest)
-    return f"{name[:_HASHED_PREFIX_LENGTH]}-{suffix}"
+    return f"{name[:_HASHED_PREFIX_LENGTH]}-{digest.translate(_SUFFIX_LETTERS)}"
 
 
 def sync_name(key: ResourceKey, labels: Mapping[str, str]) -> str:
