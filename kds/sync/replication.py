@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import re
 from collections import Counter, deque
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -57,7 +58,7 @@ from kds.protocol import (
     encode_frame,
     reset_frames,
 )
-from kds.resource import ResourceKey, validate_labels
+from kds.resource import ResourceKey
 from kds.store import Cursor, Delete, Tracking, Upsert, Upserted
 from kds.transport import DEFAULT_MAX_FRAME_SIZE
 
@@ -400,29 +401,28 @@ class Replicator:
         self._acked = anyio.Event()
 
     def _accept(
-        self, key: ResourceKey, labels: Mapping[str, str], spec: Mapping[str, Any] | None
+        self, key: ResourceKey, labels: Mapping[str, str]
     ) -> tuple[ResourceKey, dict[str, str]] | str:
-        """This side's key and labels for a received resource, or why it is refused."""
+        """This side's key and labels for a received resource, or why it is refused.
+
+        Only what this direction allows is decided here (types, authority); the
+        resource itself is validated by the store's commit, once.
+        """
         try:
-            local_key, local_labels = self._direction.inbound.accept(key, labels)
-            resource_type = self._catalog.validate_key(local_key)
-            if spec is not None:
-                resource_type.validate_spec(spec)
-            validate_labels(local_labels)
+            return self._direction.inbound.accept(key, labels)
         except ValidationError as exc:
             return f"invalid {exc.field}: {exc.reason}"
         except (TypeError, ValueError) as exc:
             return str(exc)
-        return local_key, local_labels
 
     async def _resolve(
-        self, items: Sequence[tuple[ResourceKey, Mapping[str, str], Mapping[str, Any] | None]]
+        self, items: Sequence[tuple[ResourceKey, Mapping[str, str]]]
     ) -> list[tuple[ResourceKey, dict[str, str]] | str]:
         """:meth:`_accept` each item, then refuse those whose key holds what the peer does not own.
 
         One :meth:`~kds.Store.find_many` for the whole list.
         """
-        accepted = [self._accept(key, labels, spec) for key, labels, spec in items]
+        accepted = [self._accept(key, labels) for key, labels in items]
         existing = await self._store.find_many(
             [result[0] for result in accepted if not isinstance(result, str)]
         )
@@ -439,50 +439,64 @@ class Replicator:
     async def _apply_batch(self, frame: Batch) -> None:
         changes: list[Change] = []
         rejected: list[Rejection] = []
+        sent_as: dict[ResourceKey, ResourceKey] = {}
         received = self.stats.received
-        items: list[tuple[ResourceKey, Mapping[str, str], Mapping[str, Any] | None]] = []
         for event in frame.events:
             received[event.key.type] += 1
-            if isinstance(event, Upserted):
-                resource = event.resource
-                items.append((resource.key, resource.labels, resource.spec))
-            else:
-                items.append((event.key, event.labels, None))
+        items = [(event.key, _labels_of(event)) for event in frame.events]
         for event, resolved in zip(frame.events, await self._resolve(items), strict=True):
             if isinstance(event, Upserted):
                 if isinstance(resolved, str):
                     rejected.append(Rejection(event.key, resolved))
                     continue
-                changes.append(
-                    Upsert(key=resolved[0], labels=resolved[1], spec=event.resource.spec)
-                )
+                key, labels = resolved
+                sent_as[key] = event.key
+                changes.append(Upsert(key=key, labels=labels, spec=event.resource.spec))
             elif not isinstance(resolved, str):
+                sent_as[resolved[0]] = event.key
                 changes.append(Delete(key=resolved[0], missing_ok=True))
             # A deletion of what the peer does not own here: nothing to do or report.
         cursor = Cursor(frame.epoch, frame.revision)
-        await self._commit(changes, cursor, rejected)
+        await self._commit(changes, cursor, rejected, sent_as)
         self.stats.batches_received += 1
         await self._acknowledge(frame.revision, rejected)
 
     async def _commit(
-        self, changes: Sequence[Change], cursor: Cursor, rejected: list[Rejection]
+        self,
+        changes: Sequence[Change],
+        cursor: Cursor,
+        rejected: list[Rejection],
+        sent_as: Mapping[ResourceKey, ResourceKey],
     ) -> None:
-        """Apply *changes* with the tracking cursor, all or nothing."""
+        """Apply *changes* with the tracking cursor, all or nothing.
+
+        A change the store refuses as invalid is taken out, reported in *rejected*
+        (under the key the peer sent, from *sent_as*), and the rest committed.
+        """
         tracking = Tracking(self._direction.inbound.origin, cursor)
-        try:
-            await self._store.commit(_last_change_per_key(changes), tracking=tracking)
-        except ConflictError:
-            # The cursor is already there: this very batch was applied (a retry after
-            # an unknown outcome). Applying it again would repeat it; it is done.
-            stored = await self._store.tracking(tracking.origin)
-            if stored is None or stored.epoch != cursor.epoch or stored.revision < cursor.revision:
-                raise
-        except ValidationError as exc:
-            # A change the checks above let through but the store refuses: report it
-            # rather than loop on it, and still move the cursor.
-            logger.warning("%s: a received batch was refused by the store: %s", self._name, exc)
-            rejected.extend(Rejection(c.key, str(exc)) for c in changes if isinstance(c, Upsert))
-            await self._store.commit([], tracking=tracking)
+        remaining = _last_change_per_key(changes)
+        while True:
+            try:
+                await self._store.commit(remaining, tracking=tracking)
+            except ConflictError:
+                # The cursor is already there: this very batch was applied (a retry
+                # after an unknown outcome). Applying it again would repeat it.
+                stored = await self._store.tracking(tracking.origin)
+                if stored is None or stored.epoch != cursor.epoch:
+                    raise
+                if stored.revision < cursor.revision:
+                    raise
+                return
+            except ValidationError as exc:
+                index = _failed_change(exc, len(remaining))
+                if index is None:
+                    raise
+                refused = remaining.pop(index)
+                field = exc.field.partition(".")[2] or "resource"
+                reason = f"invalid {field}: {exc.reason}"
+                rejected.append(Rejection(sent_as.get(refused.key, refused.key), reason))
+                continue
+            return
 
     async def _acknowledge(self, revision: int, rejected: Sequence[Rejection]) -> None:
         if rejected:
@@ -502,13 +516,15 @@ class Replicator:
         inbound = self._direction.inbound
         desired: dict[ResourceKey, Upsert] = {}
         rejected: list[Rejection] = []
+        sent_as: dict[ResourceKey, ResourceKey] = {}
         self.stats.received.update(resource.key.type for resource in resources)
-        everything = await self._resolve([(r.key, r.labels, r.spec) for r in resources])
+        everything = await self._resolve([(r.key, r.labels) for r in resources])
         for resource, resolved in zip(resources, everything, strict=True):
             if isinstance(resolved, str):
                 rejected.append(Rejection(resource.key, resolved))
                 continue
             key, labels = resolved
+            sent_as[key] = resource.key
             desired[key] = Upsert(key=key, labels=labels, spec=resource.spec)
         # Replace exactly what the peer owns here: delete what it no longer has.
         changes: list[Change] = [
@@ -517,7 +533,7 @@ class Replicator:
             if inbound.owns(resource) and resource.key not in desired
         ]
         changes.extend(desired.values())
-        await self._commit(changes, Cursor(frame.epoch, frame.revision), rejected)
+        await self._commit(changes, Cursor(frame.epoch, frame.revision), rejected, sent_as)
         self.stats.resets_received += 1
         logger.info(
             "%s: applied a snapshot of %d resources at revision %d",
@@ -631,6 +647,22 @@ class Replicator:
                 await self._send(Ping(nonce=next(self._nonces)))
             wake = min(self._last_sent + interval, self._last_received + timeout)
             await anyio.sleep(max(0.0, wake - anyio.current_time()) + 0.001)
+
+
+def _labels_of(event: Event) -> Mapping[str, str]:
+    return event.resource.labels if isinstance(event, Upserted) else event.labels
+
+
+_CHANGE_INDEX: Final = re.compile(r"changes\[(\d+)\]")
+
+
+def _failed_change(error: ValidationError, count: int) -> int | None:
+    """The index of the change *error* is about (``changes[3].spec``), if it names one."""
+    match = _CHANGE_INDEX.match(error.field)
+    if match is None:
+        return None
+    index = int(match.group(1))
+    return index if index < count else None
 
 
 def _last_change_per_key(changes: Iterable[Change]) -> list[Change]:

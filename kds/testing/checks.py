@@ -957,8 +957,9 @@ async def check_reads(
 
     After *batches*: ``list_resources`` with the given filters returns exactly the
     matching resources, sorted by key; ``get``/``find`` of each of *keys*, and
-    ``find_many`` of all of them, agree with the view; ``read(after, limit=limit)`` returns the first *limit*
-    events after *after* (a fraction of the head); reading at or past the head
+    ``find_many`` of all of them, agree with the view; ``read(after,
+    limit=limit)`` returns the first *limit* events after *after* (a fraction of
+    the head); reading at or past the head
     returns nothing; bad ``after``/``limit`` raise ValueError;
     ``wait_for_commit`` below the head returns at once.
     """
