@@ -165,6 +165,8 @@ class StreamStats:
         rejected: of those, the ones the peer refused (NACKed).
         received: events and snapshot resources received, per type.
         refused: of those, the ones this side refused (and NACKed), per type.
+        bytes_sent: frame bytes sent, every frame counted (heartbeats too).
+        bytes_received: frame bytes received, every frame counted.
         resets_sent: snapshots sent (each counts once, whatever its chunks).
         resets_received: snapshots received and applied.
         batches_received: Batch frames received and applied.
@@ -175,6 +177,8 @@ class StreamStats:
     rejected: Counter[str] = attrs.Factory(Counter)
     received: Counter[str] = attrs.Factory(Counter)
     refused: Counter[str] = attrs.Factory(Counter)
+    bytes_sent: int = 0
+    bytes_received: int = 0
     resets_sent: int = 0
     resets_received: int = 0
     batches_received: int = 0
@@ -186,6 +190,8 @@ class StreamStats:
         self.rejected.update(other.rejected)
         self.received.update(other.received)
         self.refused.update(other.refused)
+        self.bytes_sent += other.bytes_sent
+        self.bytes_received += other.bytes_received
         self.resets_sent += other.resets_sent
         self.resets_received += other.resets_received
         self.batches_received += other.batches_received
@@ -340,6 +346,7 @@ class Replicator:
             except SessionClosedError as exc:
                 raise SessionEnded(exc.reason, by_peer=exc.by_peer) from exc
             self._last_sent = anyio.current_time()
+            self.stats.bytes_sent += len(data)
 
     async def _goodbye(self, code: GoodbyeCode, reason: str) -> None:
         """Send a Goodbye (best effort) and close the session."""
@@ -362,6 +369,7 @@ class Replicator:
             except SessionClosedError as exc:
                 raise SessionEnded(exc.reason, by_peer=exc.by_peer) from exc
             self._last_received = anyio.current_time()
+            self.stats.bytes_received += len(data)
             try:
                 frame = decode_frame(data, catalog=self._catalog)
                 self._checker.received(frame)
