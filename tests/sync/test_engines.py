@@ -429,6 +429,8 @@ async def test_resume_sends_only_what_was_missed_and_compaction_forces_one_reset
         reset = zone.stats
     assert reset.resets_received == 1
     assert sum(reset.received.values()) == RESOURCES - 1 + 1  # the timeouts and the Mesh
+    # Resuming costs what was missed, not what exists.
+    assert resumed.bytes_received < reset.bytes_received / 100
 
 
 # -- lifecycle ------------------------------------------------------------------------
