@@ -461,6 +461,9 @@ class GlobalEngine:
                 group.start_soon(self._refresh_insight, zone, subscription, replicator)
                 try:
                     ended = await replicator.run()
+                except StoreError as exc:
+                    # The global's store failed; the zone was told and will reconnect.
+                    logger.warning("zone %r: session ended by a store failure: %s", zone, exc)
                 finally:
                     group.cancel_scope.cancel()
         finally:

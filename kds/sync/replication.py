@@ -340,6 +340,9 @@ class Replicator:
     async def _send(self, frame: Frame) -> None:
         data = encode_frame(frame)
         async with self._send_lock:
+            if self._checker.ended:
+                # Another task ended the session (a Goodbye went out) meanwhile.
+                raise SessionEnded("the session already ended", by_peer=False)
             self._checker.sent(frame)
             try:
                 await self._session.send(data)
