@@ -341,7 +341,6 @@ _SUFFIX_LETTERS: Final = str.maketrans(
 )
 
 
-@functools.lru_cache(maxsize=65536)
 def hashed_name(mesh: str, name: str, *extra: str) -> str:
     """Return the hash-suffix name Kuma gives copies of a resource in other planes.
 
@@ -350,11 +349,15 @@ def hashed_name(mesh: str, name: str, *extra: str) -> str:
     alphabet without vowels, giving a DNS-safe 16-character suffix. The result is
     byte-for-byte what Kuma computes, so kds and Kuma name copies alike.
 
-    Results are cached: the global names each copy once per zone it sends it to.
-
     >>> hashed_name("default", "redis-zone-2", "zone-2")
     'redis-zone-2-ff29vc4685c6f594'
     """
+    return _hashed_name(mesh, name, *extra)
+
+
+# Cached: the global names each copy once per zone it sends it to.
+@functools.lru_cache(maxsize=65536)
+def _hashed_name(mesh: str, name: str, *extra: str) -> str:
     digest = format(_fnv64a("".join((mesh, name, *extra)).encode()), "016x")
     return f"{name[:_HASHED_PREFIX_LENGTH]}-{digest.translate(_SUFFIX_LETTERS)}"
 
