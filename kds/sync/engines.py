@@ -140,6 +140,8 @@ class _ToZone:
         types: the types the zone declared it knows; it gets no others.
         disabled: the zones whose resources it does not get.
         known: whether *disabled* is what the zone's copy reflects.
+        admitted_at: the head when the session was admitted: a disabling before it
+            is history (the zone was enabled again since, or it was not admitted).
     """
 
     catalog: Catalog
@@ -147,6 +149,8 @@ class _ToZone:
     types: frozenset[str]
     disabled: set[str] = attrs.Factory(set)
     known: bool = False
+    admitted_at: int = 0
+    """The global's head when the session was admitted (with the zone enabled)."""
 
     def map_event(self, event: Event) -> Event | None:
         key = event.key
@@ -205,10 +209,21 @@ class _ToZone:
     def ends_session(self, event: Event) -> str | None:
         if event.key.type != "Zone" or event.key.name != self.zone:
             return None
+        if event.revision <= self.admitted_at:
+            return None  # replayed history: the zone was enabled when admitted
         if isinstance(event, Upserted) and _is_enabled_zone(event.resource):
             return None
         state = "disabled" if isinstance(event, Upserted) else "deleted"
         return f"zone {self.zone!r} was {state} on the global"
+
+    def snapshot_ends_session(self, resources: Sequence[Resource]) -> str | None:
+        # The zone may have been disabled after it was admitted and before this
+        # snapshot: then no event will say so on this stream.
+        own = lifecycle.zone_key(self.zone)
+        for resource in resources:
+            if resource.key == own and not _is_enabled_zone(resource):
+                return f"zone {self.zone!r} was disabled on the global"
+        return None
 
 
 def _disabled_zones(resources: Sequence[Resource]) -> set[str]:
@@ -250,8 +265,20 @@ class _ToGlobal:
         return key.type in self.types and rules.sent_by_zone(self.catalog, key, labels)
 
     def map_event(self, event: Event) -> Event | None:
+        key = event.key
         labels = event.resource.labels if isinstance(event, Upserted) else event.labels
-        return event if self._sent(event.key, labels) else None
+        if key.type not in self.types or key.type not in self.catalog:
+            return None
+        if not self.catalog[key.type].sent_from_zone or not rules.is_locally_originated(labels):
+            return None
+        if isinstance(event, Upserted) and not self._sent(key, labels):
+            # Still the zone's, but no longer shared (kds-sync: disabled): take the
+            # global's copy away, as the zone's deletion would.
+            resource = event.resource
+            return Deleted(
+                revision=event.revision, key=key, version=resource.version, labels=labels
+            )
+        return event
 
     def map_snapshot(self, resources: Sequence[Resource]) -> list[Resource]:
         return [r for r in resources if self._sent(r.key, r.labels)]
@@ -260,6 +287,9 @@ class _ToGlobal:
         return False
 
     def ends_session(self, event: Event) -> str | None:
+        return None
+
+    def snapshot_ends_session(self, resources: Sequence[Resource]) -> str | None:
         return None
 
 
@@ -367,6 +397,9 @@ class GlobalEngine:
         except SessionClosedError:
             return
         assert isinstance(hello, Hello)  # noqa: S101 -- the checker admits only a Hello first
+        # Read before _admit checks that the zone is enabled: a disabling after this
+        # revision ends the session; one before it would have refused it.
+        admitted_at = await self.store.head()
         try:
             zone, version, features = await self._admit(hello, session.peer)
         except ZoneRefused as refused:
@@ -385,7 +418,7 @@ class GlobalEngine:
                 previous.cancel()
             self._sessions[zone] = scope
             try:
-                await self._replicate(session, checker, hello, zone, version, features)
+                await self._replicate(session, checker, hello, zone, version, features, admitted_at)
             finally:
                 if self._sessions.get(zone) is scope:
                     del self._sessions[zone]
@@ -416,6 +449,7 @@ class GlobalEngine:
         zone: str,
         version: int,
         features: frozenset[str],
+        admitted_at: int,
     ) -> None:
         cursor = await self.store.tracking(tracking_origin(zone))
         welcome = Welcome(
@@ -444,6 +478,7 @@ class GlobalEngine:
                     zone,
                     frozenset(hello.types),
                     _disabled_zones(await self.store.list_resources("Zone")),
+                    admitted_at=admitted_at,
                 ),
                 inbound=_FromZone(self.catalog, zone),
                 peer_cursor=hello.cursor,

@@ -83,6 +83,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _READ_LIMIT: Final = 1000  # events read from the store per page
+_APPLY_ATTEMPTS: Final = 20  # tries to apply a batch whose resources are written locally meanwhile
 
 
 def _positive(name: str, value: object) -> None:
@@ -211,6 +212,9 @@ class Outbound(Protocol):
 
     def ends_session(self, event: Event) -> str | None:
         """Why *event* ends the session (the peer was disabled), or ``None``."""
+
+    def snapshot_ends_session(self, resources: Sequence[Resource]) -> str | None:
+        """Why a snapshot of this side's store ends the session, or ``None``."""
 
 
 class Inbound(Protocol):
@@ -428,9 +432,12 @@ class Replicator:
 
     async def _resolve(
         self, items: Sequence[tuple[ResourceKey, Mapping[str, str]]]
-    ) -> list[tuple[ResourceKey, dict[str, str]] | str]:
+    ) -> list[tuple[ResourceKey, dict[str, str], int] | str]:
         """:meth:`_accept` each item, then refuse those whose key holds what the peer does not own.
 
+        Each accepted item comes with the version stored at its key (0 for none):
+        changes are committed expecting exactly that, so a local write between this
+        read and the commit is never overwritten -- the batch is resolved again.
         One :meth:`~kds.Store.find_many` for the whole list.
         """
         accepted = [self._accept(key, labels) for key, labels in items]
@@ -438,37 +445,46 @@ class Replicator:
             [result[0] for result in accepted if not isinstance(result, str)]
         )
         owns = self._direction.inbound.owns
-        resolved: list[tuple[ResourceKey, dict[str, str]] | str] = []
+        resolved: list[tuple[ResourceKey, dict[str, str], int] | str] = []
         for result in accepted:
-            if not isinstance(result, str):
-                stored = existing.get(result[0])
-                if stored is not None and not owns(stored):
-                    result = f"{result[0]} exists here and is not the sender's to change"
-            resolved.append(result)
+            if isinstance(result, str):
+                resolved.append(result)
+                continue
+            key, labels = result
+            stored = existing.get(key)
+            if stored is not None and not owns(stored):
+                resolved.append(f"{key} exists here and is not the sender's to change")
+            else:
+                resolved.append((key, labels, 0 if stored is None else stored.version))
         return resolved
 
     async def _apply_batch(self, frame: Batch) -> None:
-        changes: list[Change] = []
-        rejected: list[Rejection] = []
-        sent_as: dict[ResourceKey, ResourceKey] = {}
-        received = self.stats.received
-        for event in frame.events:
-            received[event.key.type] += 1
+        self.stats.received.update(event.key.type for event in frame.events)
         items = [(event.key, _labels_of(event)) for event in frame.events]
-        for event, resolved in zip(frame.events, await self._resolve(items), strict=True):
-            if isinstance(event, Upserted):
+        for _ in range(_APPLY_ATTEMPTS):
+            changes: list[Change] = []
+            rejected: list[Rejection] = []
+            sent_as: dict[ResourceKey, ResourceKey] = {}
+            for event, resolved in zip(frame.events, await self._resolve(items), strict=True):
                 if isinstance(resolved, str):
-                    rejected.append(Rejection(event.key, resolved))
+                    if isinstance(event, Upserted):
+                        rejected.append(Rejection(event.key, resolved))
+                    # A deletion of what the peer does not own here: nothing to do.
                     continue
-                key, labels = resolved
+                key, labels, version = resolved
                 sent_as[key] = event.key
-                changes.append(Upsert(key=key, labels=labels, spec=event.resource.spec))
-            elif not isinstance(resolved, str):
-                sent_as[resolved[0]] = event.key
-                changes.append(Delete(key=resolved[0], missing_ok=True))
-            # A deletion of what the peer does not own here: nothing to do or report.
-        cursor = Cursor(frame.epoch, frame.revision)
-        await self._commit(changes, cursor, rejected, sent_as)
+                if isinstance(event, Upserted):
+                    change = Upsert(
+                        key=key, labels=labels, spec=event.resource.spec, expected_version=version
+                    )
+                    changes.append(change)
+                elif version:
+                    changes.append(Delete(key=key, expected_version=version))
+            cursor = Cursor(frame.epoch, frame.revision)
+            if await self._commit(changes, cursor, rejected, sent_as):
+                break
+        else:
+            raise ConflictError(f"{self._name}: resources kept changing under a received batch")
         self.stats.batches_received += 1
         await self._acknowledge(frame.revision, rejected)
 
@@ -478,18 +494,22 @@ class Replicator:
         cursor: Cursor,
         rejected: list[Rejection],
         sent_as: Mapping[ResourceKey, ResourceKey],
-    ) -> None:
-        """Apply *changes* with the tracking cursor, all or nothing.
+    ) -> bool:
+        """Apply *changes* with the tracking cursor, all or nothing; False to resolve again.
 
         A change the store refuses as invalid is taken out, reported in *rejected*
-        (under the key the peer sent, from *sent_as*), and the rest committed.
+        (under the key the peer sent, from *sent_as*), and the rest committed. A
+        resource changed since it was read (a local write) makes this return False
+        with nothing written.
         """
         tracking = Tracking(self._direction.inbound.origin, cursor)
         remaining = _last_change_per_key(changes)
         while True:
             try:
                 await self._store.commit(remaining, tracking=tracking)
-            except ConflictError:
+            except ConflictError as exc:
+                if exc.key is not None:
+                    return False  # written locally meanwhile: read again
                 # The cursor is already there: this very batch was applied (a retry
                 # after an unknown outcome). Applying it again would repeat it.
                 stored = await self._store.tracking(tracking.origin)
@@ -497,7 +517,7 @@ class Replicator:
                     raise
                 if stored.revision < cursor.revision:
                     raise
-                return
+                return True
             except ValidationError as exc:
                 index = _failed_change(exc, len(remaining))
                 if index is None:
@@ -507,7 +527,7 @@ class Replicator:
                 reason = f"invalid {field}: {exc.reason}"
                 rejected.append(Rejection(sent_as.get(refused.key, refused.key), reason))
                 continue
-            return
+            return True
 
     async def _acknowledge(self, revision: int, rejected: Sequence[Rejection]) -> None:
         if rejected:
@@ -525,26 +545,33 @@ class Replicator:
             return
         resources, self._reset_chunks = self._reset_chunks, []
         inbound = self._direction.inbound
-        desired: dict[ResourceKey, Upsert] = {}
-        rejected: list[Rejection] = []
-        sent_as: dict[ResourceKey, ResourceKey] = {}
         self.stats.received.update(resource.key.type for resource in resources)
-        everything = await self._resolve([(r.key, r.labels) for r in resources])
-        for resource, resolved in zip(resources, everything, strict=True):
-            if isinstance(resolved, str):
-                rejected.append(Rejection(resource.key, resolved))
-                continue
-            key, labels = resolved
-            sent_as[key] = resource.key
-            desired[key] = Upsert(key=key, labels=labels, spec=resource.spec)
-        # Replace exactly what the peer owns here: delete what it no longer has.
-        changes: list[Change] = [
-            Delete(key=resource.key, missing_ok=True)
-            for resource in await self._store.list_resources()
-            if inbound.owns(resource) and resource.key not in desired
-        ]
-        changes.extend(desired.values())
-        await self._commit(changes, Cursor(frame.epoch, frame.revision), rejected, sent_as)
+        items = [(r.key, r.labels) for r in resources]
+        for _ in range(_APPLY_ATTEMPTS):
+            desired: dict[ResourceKey, Upsert] = {}
+            rejected: list[Rejection] = []
+            sent_as: dict[ResourceKey, ResourceKey] = {}
+            for resource, resolved in zip(resources, await self._resolve(items), strict=True):
+                if isinstance(resolved, str):
+                    rejected.append(Rejection(resource.key, resolved))
+                    continue
+                key, labels, version = resolved
+                sent_as[key] = resource.key
+                desired[key] = Upsert(
+                    key=key, labels=labels, spec=resource.spec, expected_version=version
+                )
+            # Replace exactly what the peer owns here: delete what it no longer has.
+            changes: list[Change] = [
+                Delete(key=resource.key, expected_version=resource.version)
+                for resource in await self._store.list_resources()
+                if inbound.owns(resource) and resource.key not in desired
+            ]
+            changes.extend(desired.values())
+            cursor = Cursor(frame.epoch, frame.revision)
+            if await self._commit(changes, cursor, rejected, sent_as):
+                break
+        else:
+            raise ConflictError(f"{self._name}: resources kept changing under a snapshot")
         self.stats.resets_received += 1
         logger.info(
             "%s: applied a snapshot of %d resources at revision %d",
@@ -623,6 +650,9 @@ class Replicator:
 
     async def _send_reset(self) -> int:
         snapshot = await self._store.snapshot()
+        reason = self._direction.outbound.snapshot_ends_session(snapshot.resources)
+        if reason is not None:
+            raise await self._fail(GoodbyeCode.ZONE_DISABLED, reason)
         resources = self._direction.outbound.map_snapshot(snapshot.resources)
         revision = snapshot.cursor.revision
         try:
