@@ -478,7 +478,10 @@ class Replicator:
                         key=key, labels=labels, spec=event.resource.spec, expected_version=version
                     )
                     changes.append(change)
-                elif version:
+                else:
+                    # Version 0 expects nothing there: a no-op then, and a conflict
+                    # (so a fresh read) if something was written locally meanwhile.
+                    # Kept even then: it is the key's last change in this batch.
                     changes.append(Delete(key=key, expected_version=version))
             cursor = Cursor(frame.epoch, frame.revision)
             if await self._commit(changes, cursor, rejected, sent_as):
