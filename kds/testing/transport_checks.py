@@ -45,6 +45,7 @@ import anyio
 import attrs
 
 from kds.errors import ConnectError, FrameTooLargeError, SessionClosedError
+from kds.testing.checks import _check, _equal  # the same assertion helpers
 from kds.testing.transport import DEFAULT_BUFFER_SIZE, MemorySession, MemoryTransport
 from kds.transport import DEFAULT_MAX_FRAME_SIZE, PeerInfo, Session, SessionHandler, Transport
 
@@ -281,16 +282,6 @@ def memory_transport_factory(
 
 
 # -- helpers ------------------------------------------------------------------------
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise AssertionError(message)
-
-
-def _equal(actual: object, expected: object, what: str) -> None:
-    if actual != expected:
-        raise AssertionError(f"{what}:\n  got:      {actual!r}\n  expected: {expected!r}")
 
 
 @contextlib.contextmanager
