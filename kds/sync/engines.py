@@ -120,10 +120,6 @@ async def default_authenticator(hello: Hello, peer: PeerInfo) -> str:
 # -- what flows where -------------------------------------------------------------------
 
 
-def _is_enabled_zone(resource: Resource) -> bool:
-    return lifecycle.is_enabled(resource)
-
-
 @attrs.define
 class _ToZone:
     """The global's log as one zone gets it.
@@ -203,7 +199,7 @@ class _ToZone:
         if not self.known:
             return True
         name = event.key.name
-        disabled = isinstance(event, Upserted) and not _is_enabled_zone(event.resource)
+        disabled = isinstance(event, Upserted) and not lifecycle.is_enabled(event.resource)
         return disabled != (name in self.disabled)
 
     def ends_session(self, event: Event) -> str | None:
@@ -211,7 +207,7 @@ class _ToZone:
             return None
         if event.revision <= self.admitted_at:
             return None  # replayed history: the zone was enabled when admitted
-        if isinstance(event, Upserted) and _is_enabled_zone(event.resource):
+        if isinstance(event, Upserted) and lifecycle.is_enabled(event.resource):
             return None
         state = "disabled" if isinstance(event, Upserted) else "deleted"
         return f"zone {self.zone!r} was {state} on the global"
@@ -221,13 +217,13 @@ class _ToZone:
         # snapshot: then no event will say so on this stream.
         own = lifecycle.zone_key(self.zone)
         for resource in resources:
-            if resource.key == own and not _is_enabled_zone(resource):
+            if resource.key == own and not lifecycle.is_enabled(resource):
                 return f"zone {self.zone!r} was disabled on the global"
         return None
 
 
 def _disabled_zones(resources: Sequence[Resource]) -> set[str]:
-    return {r.key.name for r in resources if r.key.type == "Zone" and not _is_enabled_zone(r)}
+    return {r.key.name for r in resources if r.key.type == "Zone" and not lifecycle.is_enabled(r)}
 
 
 @attrs.define
@@ -482,7 +478,6 @@ class GlobalEngine:
                 ),
                 inbound=_FromZone(self.catalog, zone),
                 peer_cursor=hello.cursor,
-                receive_cursor=cursor,
             ),
             catalog=self.catalog,
             options=self.options,
@@ -686,7 +681,6 @@ class ZoneEngine:
                 outbound=_ToGlobal(self.catalog, frozenset(answer.types)),
                 inbound=_FromGlobal(self.catalog),
                 peer_cursor=answer.cursor,
-                receive_cursor=hello.cursor,
             ),
             catalog=self.catalog,
             options=options,

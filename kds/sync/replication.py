@@ -245,13 +245,11 @@ class Direction:
         outbound: what this side sends.
         inbound: how this side applies what it receives.
         peer_cursor: the peer's position in this side's log, from the handshake.
-        receive_cursor: this side's position in the peer's log, from the handshake.
     """
 
     outbound: Outbound
     inbound: Inbound
     peer_cursor: Cursor | None
-    receive_cursor: Cursor | None
 
 
 class _ResetNeeded(Exception):
