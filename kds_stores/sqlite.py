@@ -176,6 +176,29 @@ def _variable_limit() -> int:
         return min(probe.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER), _MAX_VARIABLES)
 
 
+_ROW_COLUMNS: Final = "type, mesh, name, labels, spec, version, created_at"
+
+
+def _keys_per_join() -> int:
+    return max(1, _variable_limit() // 3)  # three placeholders per key
+
+
+@functools.cache
+def _rows_of_keys(columns: str, count: int) -> str:
+    """SELECT *columns* of the resources at *count* keys bound as (type, mesh, name) triples.
+
+    Joining a VALUES list to the primary key probes the index once per key (a
+    row-value IN over VALUES would scan the whole table). Only constant column
+    names and placeholders are interpolated.
+    """
+    selected = ", ".join(f"r.{column}" for column in columns.split(", "))
+    return (
+        f"SELECT {selected} FROM (VALUES {', '.join(['(?, ?, ?)'] * count)}) AS k "  # noqa: S608
+        "CROSS JOIN resources AS r "
+        "ON r.type = k.column1 AND r.mesh = k.column2 AND r.name = k.column3"
+    )
+
+
 def _is_busy(exc: sqlite3.Error) -> bool:
     """True when *exc* says another connection holds a lock (worth waiting out)."""
     if not isinstance(exc, sqlite3.OperationalError):
@@ -629,16 +652,8 @@ class SQLiteStore(LogStore):
     ) -> dict[DbKey, Row | None]:
         """Read the stored rows of *keys* (missing keys are absent), a few queries in all."""
         found: dict[DbKey, Row | None] = {}
-        for part in chunks(list(keys), max(1, _variable_limit() // 3)):
-            # Joining a VALUES list to the primary key probes the index once per key
-            # (a row-value IN over VALUES would scan the whole table). Only the
-            # placeholders are interpolated.
-            sql = (
-                "SELECT r.type, r.mesh, r.name, r.labels, r.spec, r.version, r.created_at "  # noqa: S608
-                f"FROM (VALUES {', '.join(['(?, ?, ?)'] * len(part))}) AS k "
-                "CROSS JOIN resources AS r "
-                "ON r.type = k.column1 AND r.mesh = k.column2 AND r.name = k.column3"
-            )
+        for part in chunks(list(keys), _keys_per_join()):
+            sql = _rows_of_keys(_ROW_COLUMNS, len(part))
             params = [value for key in part for value in key]
             for t, m, n, labels, spec, version, created in await self._run(
                 db, sql, params, "committing"
@@ -725,16 +740,10 @@ class SQLiteStore(LogStore):
         stored = [k for k in {db_key(key) for key in keys} if k is not None]
         action = "reading resources"
         rows: list[tuple[Any, ...]] = []
-        columns = ", ".join(f"r.{column}" for column in _RESOURCE_COLUMNS.split(", "))
-        # One read snapshot for every chunk; as in _fetch_rows, joining a VALUES
-        # list probes the primary key once per key. Only placeholders are interpolated.
+        # One read snapshot for every chunk.
         async with self._read_transaction(action) as db:
-            for part in chunks(stored, max(1, _variable_limit() // 3)):
-                sql = (
-                    f"SELECT {columns} FROM (VALUES {', '.join(['(?, ?, ?)'] * len(part))}) "  # noqa: S608
-                    "AS k CROSS JOIN resources AS r "
-                    "ON r.type = k.column1 AND r.mesh = k.column2 AND r.name = k.column3"
-                )
+            for part in chunks(stored, _keys_per_join()):
+                sql = _rows_of_keys(_RESOURCE_COLUMNS, len(part))
                 params = [value for key in part for value in key]
                 rows.extend(await self._run(db, sql, params, action))
         return {resource.key: resource for resource in self._resources(rows)}
