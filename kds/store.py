@@ -47,6 +47,7 @@ __all__ = [
     "PreparedChange",
     "Snapshot",
     "Store",
+    "StoredVersion",
     "Tracking",
     "Upsert",
     "Upserted",
@@ -181,6 +182,19 @@ class Snapshot:
 
     cursor: Cursor
     resources: Sequence[Resource]
+
+
+@attrs.frozen
+class StoredVersion:
+    """What a conditional writer needs to know about a stored resource: no spec.
+
+    Attributes:
+        version: the stored version (an ``expected_version`` that matches it).
+        labels: the stored labels (who the resource belongs to).
+    """
+
+    version: int
+    labels: Mapping[str, str]
 
 
 @attrs.frozen
@@ -534,6 +548,18 @@ class Store(ABC):
             if resource is not None:
                 found[key] = resource
         return found
+
+    async def find_versions(
+        self, keys: Collection[ResourceKey]
+    ) -> dict[ResourceKey, StoredVersion]:
+        """Return the version and labels stored at *keys* (missing keys are absent).
+
+        :meth:`find_many` without the specs, for callers that only check before a
+        conditional write (replication resolves every received batch this way):
+        backends override it with a query that neither reads nor decodes specs.
+        """
+        found = await self.find_many(keys)
+        return {key: StoredVersion(r.version, r.labels) for key, r in found.items()}
 
     @abstractmethod
     async def list_resources(

@@ -33,7 +33,16 @@ from kds.errors import (
     StoreUnavailableError,
 )
 from kds.resource import Catalog, Resource, ResourceKey
-from kds.store import Cursor, Delete, Deleted, Event, Store, Upserted, check_expected
+from kds.store import (
+    Cursor,
+    Delete,
+    Deleted,
+    Event,
+    Store,
+    StoredVersion,
+    Upserted,
+    check_expected,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -592,6 +601,15 @@ class LogStore(Store):
                 )
             )
         return resources
+
+    @staticmethod
+    def _versions(rows: Iterable[tuple[Any, ...]]) -> dict[ResourceKey, StoredVersion]:
+        """Rows of (type, mesh, name, labels, version) by key: find_versions' result."""
+        labels_of = Page().labels
+        return {
+            new_key(t, m or None, n): StoredVersion(version, labels_of(labels))
+            for t, m, n, labels, version in rows
+        }
 
     async def wait_for_commit(self, after: int) -> None:
         self._check_open()

@@ -32,7 +32,14 @@ from kds.errors import (
     StoreError,
     StoreUnavailableError,
 )
-from kds.store import DEFAULT_READ_LIMIT, Cursor, Snapshot, check_read_args, matches
+from kds.store import (
+    DEFAULT_READ_LIMIT,
+    Cursor,
+    Snapshot,
+    StoredVersion,
+    check_read_args,
+    matches,
+)
 from kds_stores._log import (
     Commit,
     DbKey,
@@ -1041,6 +1048,22 @@ class PostgresStore(LogStore):
         )
         return {resource.key: resource for resource in self._resources(_tuples(rows))}
 
+    async def find_versions(
+        self, keys: Collection[ResourceKey]
+    ) -> dict[ResourceKey, StoredVersion]:
+        self._check_open()
+        stored = [k for k in {db_key(key) for key in keys} if k is not None]
+        if not stored:
+            return {}
+        rows = await self._fetch(
+            self._sql.find_versions,
+            [k[0] for k in stored],
+            [k[1] for k in stored],
+            [k[2] for k in stored],
+            action="reading resource versions",
+        )
+        return self._versions(_tuples(rows))
+
     async def list_resources(
         self,
         type_name: str | None = None,
@@ -1264,6 +1287,12 @@ class _Statements:
         self.find_many = (
             "SELECT r.type, r.mesh, r.name, r.labels, r.spec, r.version, r.created_at, "  # noqa: S608
             "r.modified_at FROM unnest($1::text[], $2::text[], $3::text[]) AS k(type, mesh, name) "
+            f"JOIN {s}.kds_resources AS r "
+            "ON r.type = k.type AND r.mesh = k.mesh AND r.name = k.name"
+        )
+        self.find_versions = (
+            "SELECT r.type, r.mesh, r.name, r.labels, r.version "  # noqa: S608
+            "FROM unnest($1::text[], $2::text[], $3::text[]) AS k(type, mesh, name) "
             f"JOIN {s}.kds_resources AS r "
             "ON r.type = k.type AND r.mesh = k.mesh AND r.name = k.name"
         )

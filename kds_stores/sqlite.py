@@ -34,6 +34,7 @@ from kds.store import (
     Cursor,
     Event,
     Snapshot,
+    StoredVersion,
     check_read_args,
     matches,
 )
@@ -155,6 +156,7 @@ _UPSERT_TRACKING: Final = (
     "INSERT OR REPLACE INTO tracking (origin, epoch, revision) VALUES (?, ?, ?)"
 )
 _RESOURCE_COLUMNS: Final = "type, mesh, name, labels, spec, version, created_at, modified_at"
+_VERSION_COLUMNS: Final = "type, mesh, name, labels, version"
 # A page of events, returned only if the horizon allows reading after ?1 -- both
 # from the statement's own read snapshot, and the horizon is computed once per
 # statement, not per row. No rows means "no events after ?1" or "compacted":
@@ -747,6 +749,20 @@ class SQLiteStore(LogStore):
                 params = [value for key in part for value in key]
                 rows.extend(await self._run(db, sql, params, action))
         return {resource.key: resource for resource in self._resources(rows)}
+
+    async def find_versions(
+        self, keys: Collection[ResourceKey]
+    ) -> dict[ResourceKey, StoredVersion]:
+        self._check_open()
+        stored = [k for k in {db_key(key) for key in keys} if k is not None]
+        action = "reading resource versions"
+        rows: list[tuple[Any, ...]] = []
+        async with self._read_transaction(action) as db:
+            for part in chunks(stored, _keys_per_join()):
+                sql = _rows_of_keys(_VERSION_COLUMNS, len(part))
+                params = [value for key in part for value in key]
+                rows.extend(await self._run(db, sql, params, action))
+        return self._versions(rows)
 
     async def list_resources(
         self,

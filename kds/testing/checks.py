@@ -953,11 +953,11 @@ async def check_reads(
     after: float = 0.0,
     limit: int = 1000,
 ) -> None:
-    """get, find, find_many, list_resources, snapshot and read agree with each other.
+    """get, find, find_many, find_versions, list_resources, snapshot and read agree.
 
     After *batches*: ``list_resources`` with the given filters returns exactly the
     matching resources, sorted by key; ``get``/``find`` of each of *keys*, and
-    ``find_many`` of all of them, agree with the view; ``read(after,
+    ``find_many`` and ``find_versions`` of all of them, agree with the view; ``read(after,
     limit=limit)`` returns the first *limit* events after *after* (a fraction of
     the head); reading at or past the head
     returns nothing; bad ``after``/``limit`` raise ValueError;
@@ -991,6 +991,17 @@ async def check_reads(
             f"find_many({wanted})",
         )
         _equal(await store.find_many([]), {}, "find_many([])")
+        versions = await store.find_versions(wanted)
+        _equal(
+            {key: (stored.version, dict(stored.labels)) for key, stored in versions.items()},
+            {
+                key: (by_key[key].version, dict(by_key[key].labels))
+                for key in wanted
+                if key in by_key
+            },
+            f"find_versions({wanted})",
+        )
+        _equal(await store.find_versions([]), {}, "find_versions([])")
         for key in keys:
             found = await store.find(key)
             _equal(

@@ -27,6 +27,7 @@ from kds.store import (
     PreparedChange,
     Snapshot,
     Store,
+    StoredVersion,
     Tracking,
     Upserted,
     check_expected,
@@ -178,6 +179,17 @@ class MemoryStore(Store):
         self._check_open()
         view = self._view
         return {key: view[key].resource for key in keys if key in view}
+
+    async def find_versions(
+        self, keys: Collection[ResourceKey]
+    ) -> dict[ResourceKey, StoredVersion]:
+        self._check_open()
+        view = self._view
+        return {
+            key: StoredVersion(view[key].resource.version, view[key].resource.labels)
+            for key in keys
+            if key in view
+        }
 
     async def list_resources(
         self,
