@@ -245,8 +245,9 @@ class _FromZone:
         copy = rules.zone_to_global(key, labels, self.zone)
         return copy.key, dict(copy.labels)
 
-    def owns(self, resource: Resource) -> bool:
-        return rules.owned_by_zone(resource, self.zone)
+    @property
+    def owned_labels(self) -> Mapping[str, str]:
+        return rules.zone_copy_labels(self.zone)
 
 
 @attrs.define
@@ -306,8 +307,9 @@ class _FromGlobal:
             raise ValidationError("key.type", f"the global does not send {key.type!r} to zones")
         return key, {**labels, LABEL_ORIGIN: ORIGIN_GLOBAL}
 
-    def owns(self, resource: Resource) -> bool:
-        return rules.owned_by_global(resource)
+    @property
+    def owned_labels(self) -> Mapping[str, str]:
+        return rules.GLOBAL_COPY_LABELS
 
 
 # -- the global -------------------------------------------------------------------------

@@ -83,6 +83,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _READ_LIMIT: Final = 1000  # events read from the store per page
+_INBOX_FRAMES: Final = 16
+"""Received frames decoded ahead of the one being applied.
+
+Decoding the next frames while a commit runs in the store's thread keeps both
+busy; the bound makes a peer that outpaces this store wait on the transport."""
 _APPLY_ATTEMPTS: Final = 20  # tries to apply a batch whose resources are written locally meanwhile
 
 
@@ -233,8 +238,14 @@ class Inbound(Protocol):
             ValidationError: the peer may not send it (wrong type, bad key).
         """
 
-    def owns(self, resource: Resource) -> bool:
-        """Whether *resource*, stored here, is the peer's to change and delete."""
+    @property
+    def owned_labels(self) -> Mapping[str, str]:
+        """The labels that mark a resource stored here as the peer's to change and delete.
+
+        A resource is the peer's exactly when it carries all of them: received
+        resources are stored with them (see :meth:`accept`), so a reset can list
+        what the peer owns with one filtered query.
+        """
 
 
 @attrs.frozen
@@ -305,6 +316,12 @@ class Replicator:
         self._last_sent = self._last_received = anyio.current_time()
         self._nonces = itertools.count(1)
         self._reset_chunks: list[Resource] = []
+        self._peer_goodbye: Goodbye | None = None
+        # Frames the receive loop decoded, for the apply loop, in order; a
+        # SessionEnded last when the session closed under them.
+        self._inbox_in, self._inbox_out = anyio.create_memory_object_stream[
+            Batch | Reset | Goodbye | SessionEnded
+        ](_INBOX_FRAMES)
         self.stats = StreamStats()
 
     # -- running ---------------------------------------------------------------------
@@ -328,8 +345,9 @@ class Replicator:
                 failures.append(exc)
             group.cancel_scope.cancel()
 
-        async with anyio.create_task_group() as group:
+        async with self._inbox_in, self._inbox_out, anyio.create_task_group() as group:
             group.start_soon(guard, self._receive_loop)
+            group.start_soon(guard, self._apply_loop)
             group.start_soon(guard, self._outbound_loop)
             group.start_soon(guard, self._heartbeat_loop)
         if failures:
@@ -343,6 +361,10 @@ class Replicator:
         data = encode_frame(frame)
         async with self._send_lock:
             if self._checker.ended:
+                goodbye = self._peer_goodbye
+                if goodbye is not None:
+                    # The peer's Goodbye arrived while earlier frames were applied.
+                    raise _peer_ended(goodbye)
                 # Another task ended the session (a Goodbye went out) meanwhile.
                 raise SessionEnded("the session already ended", by_peer=False)
             self._checker.sent(frame)
@@ -368,11 +390,19 @@ class Replicator:
     # -- receiving -------------------------------------------------------------------
 
     async def _receive_loop(self) -> None:
+        """Receive and check every frame; answer those about the session at once.
+
+        Batches, resets and a Goodbye go to the apply loop, in order: the next
+        frames are decoded while one is applied, and heartbeats and acknowledgements
+        are handled even while a large snapshot is being committed.
+        """
         while True:
             try:
                 data = await self._session.receive()
             except SessionClosedError as exc:
-                raise SessionEnded(exc.reason, by_peer=exc.by_peer) from exc
+                # What arrived before the end is still applied (and not sent again).
+                await self._inbox_in.send(SessionEnded(exc.reason, by_peer=exc.by_peer))
+                await anyio.sleep_forever()
             self._last_received = anyio.current_time()
             self.stats.bytes_received += len(data)
             try:
@@ -380,23 +410,30 @@ class Replicator:
                 self._checker.received(frame)
             except ProtocolError as exc:
                 raise await self._fail(GoodbyeCode.PROTOCOL_ERROR, str(exc)) from exc
-            await self._dispatch(frame)
+            if isinstance(frame, Goodbye):
+                self._peer_goodbye = frame
+            if isinstance(frame, Batch | Reset | Goodbye):
+                await self._inbox_in.send(frame)
+            elif isinstance(frame, Ack | Nack):
+                self._acknowledged(frame)
+            elif isinstance(frame, Ping):
+                await self._send(Pong(nonce=frame.nonce))
+            # Pong: its arrival already counted as a sign of life.
 
-    async def _dispatch(self, frame: Frame) -> None:
-        if isinstance(frame, Batch):
-            await self._apply_batch(frame)
-        elif isinstance(frame, Reset):
-            await self._apply_reset_chunk(frame)
-        elif isinstance(frame, Ack | Nack):
-            self._acknowledged(frame)
-        elif isinstance(frame, Ping):
-            await self._send(Pong(nonce=frame.nonce))
-        elif isinstance(frame, Goodbye):
-            logger.info(
-                "%s: the peer ended the session (%s): %s", self._name, frame.code, frame.reason
-            )
-            raise SessionEnded(frame.reason, code=frame.code, by_peer=True)
-        # Pong: its arrival already counted as a sign of life.
+    async def _apply_loop(self) -> None:
+        """Apply received batches and resets in order, until the session ends."""
+        async for item in self._inbox_out:
+            if isinstance(item, Batch):
+                await self._apply_batch(item)
+            elif isinstance(item, Reset):
+                await self._apply_reset_chunk(item)
+            elif isinstance(item, Goodbye):
+                logger.info(
+                    "%s: the peer ended the session (%s): %s", self._name, item.code, item.reason
+                )
+                raise _peer_ended(item)
+            else:
+                raise item
 
     def _acknowledged(self, frame: Ack | Nack) -> None:
         pending = self._pending.popleft()
@@ -436,13 +473,13 @@ class Replicator:
         Each accepted item comes with the version stored at its key (0 for none):
         changes are committed expecting exactly that, so a local write between this
         read and the commit is never overwritten -- the batch is resolved again.
-        One :meth:`~kds.Store.find_many` for the whole list.
+        One :meth:`~kds.Store.find_versions` for the whole list.
         """
         accepted = [self._accept(key, labels) for key, labels in items]
-        existing = await self._store.find_many(
+        existing = await self._store.find_versions(
             [result[0] for result in accepted if not isinstance(result, str)]
         )
-        owns = self._direction.inbound.owns
+        owned = self._direction.inbound.owned_labels.items()
         resolved: list[tuple[ResourceKey, dict[str, str], int] | str] = []
         for result in accepted:
             if isinstance(result, str):
@@ -450,7 +487,7 @@ class Replicator:
                 continue
             key, labels = result
             stored = existing.get(key)
-            if stored is not None and not owns(stored):
+            if stored is not None and not all(stored.labels.get(k) == v for k, v in owned):
                 resolved.append(f"{key} exists here and is not the sender's to change")
             else:
                 resolved.append((key, labels, 0 if stored is None else stored.version))
@@ -564,8 +601,8 @@ class Replicator:
             # Replace exactly what the peer owns here: delete what it no longer has.
             changes: list[Change] = [
                 Delete(key=resource.key, expected_version=resource.version)
-                for resource in await self._store.list_resources()
-                if inbound.owns(resource) and resource.key not in desired
+                for resource in await self._store.list_resources(labels=inbound.owned_labels)
+                if resource.key not in desired
             ]
             changes.extend(desired.values())
             cursor = Cursor(frame.epoch, frame.revision)
@@ -689,6 +726,10 @@ class Replicator:
                 await self._send(Ping(nonce=next(self._nonces)))
             wake = min(self._last_sent + interval, self._last_received + timeout)
             await anyio.sleep(max(0.0, wake - anyio.current_time()) + 0.001)
+
+
+def _peer_ended(goodbye: Goodbye) -> SessionEnded:
+    return SessionEnded(goodbye.reason, code=goodbye.code, by_peer=True)
 
 
 def _labels_of(event: Event) -> Mapping[str, str]:

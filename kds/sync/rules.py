@@ -4,18 +4,19 @@ Kuma's filters and mappers (``reference/kuma-kds.md`` §2 and §3), as pure func
 
 * **global → zone**: :func:`global_to_zone` decides, for one resource of the global's
   log and one zone, whether the zone gets it and as what (origin ``global``, the
-  hash-suffix name); :func:`owned_by_global` is what a zone's copy of the global's
+  hash-suffix name); :data:`GLOBAL_COPY_LABELS` mark what a zone's copy of the global's
   stream consists of.
 * **zone → global**: :func:`sent_by_zone` is what a zone offers (its locally
   originated resources); :func:`zone_to_global` is the global's copy of one, with
   ``kuma.io/origin``/``kuma.io/zone`` *overwritten* with the zone's authenticated
-  name, so a zone can only ever write its own copies; :func:`owned_by_zone` is what
+  name, so a zone can only ever write its own copies; :func:`zone_copy_labels` mark what
   the global holds of one zone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
 
 import attrs
@@ -36,18 +37,18 @@ from kds.resource import (
 if TYPE_CHECKING:
     from collections.abc import Collection
 
-    from kds.resource import Catalog, Resource, ResourceType
+    from kds.resource import Catalog, ResourceType
 
 __all__ = [
+    "GLOBAL_COPY_LABELS",
     "INTERNAL_GLOBAL_SECRETS",
     "SYNCED_CONFIGS",
     "Copy",
     "global_copy",
     "global_to_zone",
     "is_locally_originated",
-    "owned_by_global",
-    "owned_by_zone",
     "sent_by_zone",
+    "zone_copy_labels",
     "zone_to_global",
 ]
 
@@ -165,9 +166,8 @@ def global_copy(resource_type: ResourceType, key: ResourceKey, labels: Mapping[s
     return _copy(key, {**labels, LABEL_ORIGIN: ORIGIN_GLOBAL}, hashed=resource_type.hash_names)
 
 
-def owned_by_global(resource: Resource) -> bool:
-    """Whether a zone's *resource* is a copy from the global (what a reset replaces)."""
-    return _origin(resource.labels) == ORIGIN_GLOBAL
+GLOBAL_COPY_LABELS: Final[Mapping[str, str]] = MappingProxyType({LABEL_ORIGIN: ORIGIN_GLOBAL})
+"""The labels of a zone's copies of global resources (what a reset from the global replaces)."""
 
 
 def sent_by_zone(catalog: Catalog, key: ResourceKey, labels: Mapping[str, str]) -> bool:
@@ -195,7 +195,6 @@ def zone_to_global(key: ResourceKey, labels: Mapping[str, str], zone: str) -> Co
     return _copy(key, stamped, hashed=True)
 
 
-def owned_by_zone(resource: Resource, zone: str) -> bool:
-    """Whether the global's *resource* is a copy *zone* published (what it may change)."""
-    labels = resource.labels
-    return _origin(labels) == ORIGIN_ZONE and labels.get(LABEL_ZONE) == zone
+def zone_copy_labels(zone: str) -> Mapping[str, str]:
+    """The labels of the global's copies of what *zone* published (what it may change)."""
+    return {LABEL_ORIGIN: ORIGIN_ZONE, LABEL_ZONE: zone}
