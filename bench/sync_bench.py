@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
 import sqlite3
 import statistics
@@ -135,11 +136,32 @@ class Plane:
             self.process.wait()
         self.log.close()
 
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the process has used so far."""
+        return process_cpu_seconds(self.process.pid)
+
     def peak_rss_mb(self) -> float:
         """VmHWM of the process, in MiB."""
         status = Path(f"/proc/{self.process.pid}/status").read_text()
         line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
         return int(line.split()[1]) / 1024
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of process *pid* (all its threads), from /proc."""
+    # Fields after the command name (which may contain spaces, so split after ")").
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def eventsourcing_rate(directory: Path, count: int) -> str:
+    """The eventsourcing library's leader -> follower rate, or why it was not measured."""
+    try:
+        from eventsourcing_baseline import eventsourcing_follower_rate
+    except ImportError:
+        return "not measured: pip install -e '.[bench]'"
+    return f"{eventsourcing_follower_rate(directory / 'eventsourcing', count):,.0f} events/s"
 
 
 async def wait_applied(stores: Sequence[SQLiteStore], revision: int, deadline: float) -> None:
@@ -198,6 +220,15 @@ async def bench(directory: Path, resources: int, changes: int, zones: int) -> No
     report: list[tuple[str, str, str, str]] = []
     base_rate = baseline_insert_rate(directory, min(resources, 100_000))
     report.append(("sqlite3 batched insert (baseline)", f"{base_rate:,.0f} rows/s", "", ""))
+    (directory / "eventsourcing").mkdir()
+    report.append(
+        (
+            "eventsourcing leader->follower (baseline)",
+            eventsourcing_rate(directory, min(changes, 20_000)),
+            "same process, threads; one commit per event",
+            "",
+        )
+    )
 
     async with SQLiteStore(directory / "global.db", poll_interval=POLL) as writer:
         for start in range(0, resources, 5000):
@@ -221,12 +252,14 @@ async def bench(directory: Path, resources: int, changes: int, zones: int) -> No
             # 2. initial sync into an empty zone
             zone_store = SQLiteStore(directory / "zone-1.db", poll_interval=0.05)
             head = await writer.head()
+            global_cpu = global_plane.cpu_seconds()
             started = time.perf_counter()
             start_zone("zone-1")
             await anyio.sleep(0.2)  # the zone creates its store file first
             async with zone_store:
                 await wait_applied([zone_store], head, deadline=600)
                 initial = time.perf_counter() - started
+                global_cpu = global_plane.cpu_seconds() - global_cpu
                 report.append(
                     (
                         f"initial sync of {resources:,} resources",
@@ -235,8 +268,19 @@ async def bench(directory: Path, resources: int, changes: int, zones: int) -> No
                         "<= 3 s",
                     )
                 )
+                report.append(
+                    (
+                        "  CPU: zone (whole process) / global",
+                        f"{zone_planes['zone-1'].cpu_seconds():.2f} s",
+                        f"{global_cpu:.2f} s",
+                        "",
+                    )
+                )
 
                 # 3. sustained replication
+                zone_cpu = zone_planes["zone-1"].cpu_seconds()
+                global_cpu = global_plane.cpu_seconds()
+                writer_cpu = time.process_time()
                 started = time.perf_counter()
                 for start in range(0, changes, 1000):
                     await writer.commit(
@@ -248,6 +292,11 @@ async def bench(directory: Path, resources: int, changes: int, zones: int) -> No
                 committed = time.perf_counter() - started
                 await wait_applied([zone_store], await writer.head(), deadline=600)
                 sustained = time.perf_counter() - started
+                # CPU time per change: what each process costs, whatever else the
+                # machine was doing meanwhile (wall-clock rates are not).
+                zone_cpu = zone_planes["zone-1"].cpu_seconds() - zone_cpu
+                global_cpu = global_plane.cpu_seconds() - global_cpu
+                writer_cpu = time.process_time() - writer_cpu
                 report.append(
                     (
                         f"sustained global->zone, {changes:,} changes",
@@ -255,6 +304,15 @@ async def bench(directory: Path, resources: int, changes: int, zones: int) -> No
                         f"{changes / sustained / base_rate:.2f} of baseline "
                         f"(global took them at {changes / committed:,.0f}/s)",
                         ">= 50,000/s",
+                    )
+                )
+                report.append(
+                    (
+                        "  CPU per change: zone / global / writer",
+                        f"{zone_cpu / changes * 1e6:,.0f} us",
+                        f"{global_cpu / changes * 1e6:,.0f} us / "
+                        f"{writer_cpu / changes * 1e6:,.0f} us (the writer is this process)",
+                        "",
                     )
                 )
 
