@@ -83,6 +83,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _READ_LIMIT: Final = 1000  # events read from the store per page
+_CURSOR_DELAY: Final = 0.05
+"""Seconds the log must stay quiet before a batch that only moves the peer's cursor."""
+_CURSOR_LAG: Final = 10 * _READ_LIMIT
+"""Events the peer's cursor may lag behind while the log keeps moving (then it is moved)."""
 _INBOX_FRAMES: Final = 16
 """Received frames decoded ahead of the one being applied.
 
@@ -635,9 +639,17 @@ class Replicator:
             if not events:
                 if position > sent_position:
                     # Caught up after events the peer does not get: move its cursor
-                    # (what it resumes from) with one empty batch.
+                    # (what it resumes from) with one empty batch -- once the log has
+                    # been quiet for a moment, not after every such event: each empty
+                    # batch costs the peer a commit, and a zone applying a burst from
+                    # the global would otherwise echo one per batch it applied.
+                    with anyio.move_on_after(_CURSOR_DELAY):
+                        await store.wait_for_commit(position)
+                    if await store.head() > position:
+                        continue  # more events came: read them first
                     await self._send_batches([], position)
                     sent_position = position
+                    continue
                 await store.wait_for_commit(position)
                 continue
             for event in events:
@@ -649,7 +661,7 @@ class Replicator:
                 continue
             mapped = [m for m in map(outbound.map_event, events) if m is not None]
             position = events[-1].revision
-            if mapped:
+            if mapped or position - sent_position >= _CURSOR_LAG:
                 await self._send_batches(mapped, position)
                 sent_position = position
 

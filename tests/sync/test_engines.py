@@ -612,7 +612,8 @@ async def test_a_zone_that_stops_acknowledging_gets_at_most_a_window_of_batches(
             for frame in unacked:
                 await send_frame(session, Ack(revision=frame.revision))
             last = await global_store.head()
-            await receive_until(session, lambda f: isinstance(f, Batch) and f.revision == last)
+            # (A batch that only moves the cursor may come later, past newer events.)
+            await receive_until(session, lambda f: isinstance(f, Batch) and f.revision >= last)
 
 
 def test_reconnect_backoff_grows_to_its_cap_with_jitter():
