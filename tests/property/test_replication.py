@@ -1,11 +1,17 @@
 """Replication converges whatever happens on the way: random writes interleaved with faults.
 
-One GlobalEngine and two or three ZoneEngines run over a MemoryTransport while a
-program (:mod:`tests.property.replication_model`) writes on every plane, cuts
-sessions, refuses connections, restarts engines, compacts logs and disables
-zones. Once every zone is enabled and connections are accepted again, each plane
-must hold exactly what the model says (key, labels and spec), on memory and on
-SQLite stores.
+One GlobalEngine and two or three ZoneEngines run while a program
+(:mod:`tests.property.replication_model`) writes on every plane, cuts sessions,
+refuses connections, restarts engines, compacts logs and disables zones. Once
+every zone is enabled and connections are accepted again, each plane must hold
+exactly what the model says (key, labels and spec).
+
+The same federation runs over every network of
+:mod:`tests.property.replication_networks`: a MemoryTransport (on memory and on
+SQLite stores); gRPC with TLS in one process, the zones dialling through a TCP
+relay that cuts and refuses real connections; and the same with each zone in a
+process of its own, on a SQLite file this process writes and reads too, where
+restarting a zone means killing its process.
 """
 
 from __future__ import annotations
@@ -13,13 +19,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import typing
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import anyio.lowlevel
 import attrs
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 
 from kds.resource import (
     LABEL_KDS_SYNC,
@@ -31,10 +38,10 @@ from kds.resource import (
     ResourceKey,
 )
 from kds.store import Cursor, Delete, Upsert
-from kds.sync import GlobalEngine, SyncOptions, ZoneEngine, tracking_origin
+from kds.sync import GlobalEngine, SyncOptions, tracking_origin
 from kds.sync.engines import GLOBAL_ORIGIN
 from kds.sync.lifecycle import zone_key
-from kds.testing import MemoryTransport, StoreFactory, StoreSpec
+from kds.testing import StoreFactory, StoreSpec
 from tests.property.replication_model import (
     Accept,
     AwaitSessions,
@@ -63,11 +70,18 @@ from tests.property.replication_model import (
     programs,
     view_of,
 )
+from tests.property.replication_networks import (
+    Network,
+    NetworkName,
+    Task,
+    launch,
+    open_network,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Collection
+    from collections.abc import Collection
 
-    from anyio.abc import TaskGroup, TaskStatus
+    from anyio.abc import TaskGroup
 
     from kds.store import Store
 
@@ -88,7 +102,9 @@ STALL: Final = 5.0
 """Seconds an enabled zone may stay behind without its cursors moving before failing.
 
 Reconnecting takes at most ``reconnect_max`` plus a handshake: a zone that stays
-behind without moving for this long is stuck, not slow."""
+behind without moving for this long is stuck, not slow. Zones whose engine first
+needs a process to start get that process's start time on top
+(:attr:`replication_networks.Zones.start_time`)."""
 
 POLL: Final = 0.02
 
@@ -102,12 +118,26 @@ FAST: Final = SyncOptions(
 )
 
 
-@pytest.fixture(scope="module", params=["memory", "sqlite"])
-def plane_stores(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> StoreFactory:
-    """New, empty stores for each plane of each example, of one backend."""
-    if request.param == "memory":
+# -- where federations run --------------------------------------------------------------
+
+
+@attrs.frozen
+class Layout:
+    """One way of running federations: a network and the backend of every plane's store.
+
+    Attributes:
+        network: the network's name (see :data:`replication_networks.NETWORKS`).
+        stores: new, empty stores for each plane of each example.
+        work_dir: kept from one example to the next: the gRPC certificate, zone logs.
+    """
+
+    network: NetworkName
+    stores: StoreFactory
+    work_dir: Path
+
+
+def _store_factory(backend: str, tmp_path_factory: pytest.TempPathFactory) -> StoreFactory:
+    if backend == "memory":
 
         async def memory_spec() -> StoreSpec:
             return StoreSpec("memory")
@@ -118,28 +148,58 @@ def plane_stores(
 
     async def sqlite_spec() -> StoreSpec:
         path = directory / f"plane-{next(numbers)}.db"
-        # Every commit goes through the one store instance, which wakes its waiters at
-        # once; durability across power loss is not what this test is about.
+        # Every commit in this process goes through the one store instance, which
+        # wakes its waiters at once; a zone process notices the test's commits within
+        # poll_interval. Durability across power loss is not what this test is about.
         kwargs = {"path": str(path), "poll_interval": 0.05, "synchronous": "normal"}
         return StoreSpec("sqlite", kwargs)
 
     return StoreFactory("sqlite", sqlite_spec, durable=True)
 
 
+def _layout(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Layout:
+    network, backend = request.param
+    work_dir = tmp_path_factory.mktemp(network)
+    return Layout(network, _store_factory(backend, tmp_path_factory), work_dir)
+
+
+# Zones in other processes need their stores in files: SQLite only there. Memory
+# stores over gRPC cost little more than SQLite ones, and keep the network the only
+# change from the memory transport runs.
+IN_PROCESS: Final = [
+    ("memory", "memory"),
+    ("memory", "sqlite"),
+    ("grpc", "memory"),
+    ("grpc", "sqlite"),
+]
+ZONE_PROCESSES: Final = [("grpc-zone-processes", "sqlite")]
+
+
+def _ids(param: tuple[str, str]) -> str:
+    return "+".join(param)
+
+
+@pytest.fixture(scope="module", params=IN_PROCESS, ids=_ids)
+def layout(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Layout:
+    """Every network whose engines all run in this process, with each store backend."""
+    return _layout(request, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=ZONE_PROCESSES, ids=_ids)
+def layout_with_zone_processes(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Layout:
+    """gRPC with every zone engine in a child process of its own, on SQLite files."""
+    return _layout(request, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=IN_PROCESS + ZONE_PROCESSES, ids=_ids)
+def any_layout(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Layout:
+    """Every layout there is."""
+    return _layout(request, tmp_path_factory)
+
+
 # -- running a federation -------------------------------------------------------------
-
-
-@attrs.define
-class _Task:
-    """An engine's task: cancelled through *scope*; *done* once it has fully ended."""
-
-    scope: anyio.CancelScope = attrs.Factory(anyio.CancelScope)
-    done: anyio.Event = attrs.Factory(anyio.Event)
-
-    async def stop(self) -> None:
-        self.scope.cancel()
-        with anyio.fail_after(DEADLINE):
-            await self.done.wait()
 
 
 @attrs.define
@@ -160,58 +220,38 @@ class _Positions:
 
 
 class Federation:
-    """A global and its zones, each engine restartable, each store kept throughout."""
+    """A global and its zones, each engine restartable, each store kept throughout.
+
+    The global engine runs in this process, in *group*; the zone engines and the
+    links between the planes are the *network*'s.
+    """
 
     def __init__(
         self,
         group: TaskGroup,
         global_store: Store,
         zone_stores: dict[str, Store],
+        network: Network,
     ) -> None:
         self.group = group
         self.global_store = global_store
         self.zone_stores = zone_stores
-        self.transport = MemoryTransport()
+        self.network = network
         self.global_engine: GlobalEngine | None = None
-        self.zone_engines: dict[str, ZoneEngine] = {}
-        self._global_task: _Task | None = None
-        self._zone_tasks: dict[str, _Task] = {}
+        self._global_task: Task | None = None
         self.refusing = False
 
-    async def _launch(self, run: Callable[..., Awaitable[None]], *, reports_start: bool) -> _Task:
-        """Run *run* in the federation's task group until the returned task is stopped."""
-        task = _Task()
-
-        async def body(*, task_status: TaskStatus[None]) -> None:
-            with task.scope:
-                try:
-                    if reports_start:
-                        await run(task_status=task_status)
-                    else:
-                        task_status.started()
-                        await run()
-                finally:
-                    task.done.set()
-
-        await self.group.start(body)
-        return task
-
     async def start_global(self) -> None:
-        engine = GlobalEngine(self.global_store, self.transport, options=FAST)
-        self._global_task = await self._launch(engine.run, reports_start=True)
+        links = self.network.links
+        engine = GlobalEngine(self.global_store, links.global_transport(), options=FAST)
+        self._global_task, address = await launch(self.group, engine.run, reports_start=True)
         self.global_engine = engine
-
-    async def start_zone(self, zone: str) -> None:
-        engine = ZoneEngine(
-            self.zone_stores[zone], self.transport.with_identity(zone), zone=zone, options=FAST
-        )
-        self._zone_tasks[zone] = await self._launch(engine.run, reports_start=False)
-        self.zone_engines[zone] = engine
+        await links.serving(address)
 
     async def start(self) -> None:
         await self.start_global()
         for zone in self.zone_stores:
-            await self.start_zone(zone)
+            await self.network.zones.start(zone)
 
     async def restart_global(self) -> None:
         assert self._global_task is not None
@@ -219,24 +259,26 @@ class Federation:
         await self.start_global()
 
     async def restart_zone(self, zone: str) -> None:
-        await self._zone_tasks[zone].stop()
-        await self.start_zone(zone)
+        await self.network.zones.stop(zone)
+        await self.network.zones.start(zone)
 
     def accept(self) -> None:
         """Accept connections (again)."""
-        self.transport.accept_connections()
+        self.network.links.accept()
         self.refusing = False
 
     async def await_sessions(self, zones: Collection[str]) -> None:
         """Wait until each of *zones* has a session open on the global."""
         with anyio.move_on_after(DEADLINE):
-            while True:
+            while not self.network.zones.exited():
                 if all(self.connected(zone) for zone in zones):
                     return
                 # Polling: the engines offer no event for "connected".
                 await anyio.sleep(POLL)
         missing = [zone for zone in zones if not self.connected(zone)]
-        lines = [f"{missing} did not connect within {DEADLINE}s", *self.status()]
+        exited = self.network.zones.exited()
+        verdict = f"the engine of {exited} exited" if exited else f"not within {DEADLINE}s"
+        lines = [f"{missing} did not connect: {verdict}", *self.status()]
         raise AssertionError("\n".join(lines))
 
     async def apply(self, op: Op, *, enabled: Collection[str]) -> None:
@@ -257,9 +299,9 @@ class Federation:
                 if not self.refusing:
                     await self.await_sessions(enabled)
             case Sever():
-                self.transport.sever_all("network cut")
+                await self.network.links.sever()
             case Refuse():
-                self.transport.refuse_connections()
+                self.network.links.refuse()
                 self.refusing = True
             case Accept():
                 self.accept()
@@ -301,14 +343,12 @@ class Federation:
         return self.global_engine is not None and zone in self.global_engine.connected_zones
 
     def status(self) -> list[str]:
-        """Each engine's connection state, for failure messages."""
-        lines = []
-        for zone, engine in self.zone_engines.items():
-            lines.append(
-                f"  {zone}: connected={engine.connected} sessions={engine.sessions} "
-                f"last_error={engine.last_error!r} on_global={self.connected(zone)}"
-            )
-        return lines
+        """Each zone engine's state and the links', for failure messages."""
+        lines = [f"  network: {self.network.name}"]
+        for zone in self.zone_stores:
+            state = self.network.zones.status(zone)
+            lines.append(f"  {zone}: on_global={self.connected(zone)} {state}")
+        return lines + self.network.links.status()
 
 
 async def problems_now(fed: Federation, model: Model) -> tuple[list[str], _Positions, bool]:
@@ -360,11 +400,14 @@ async def settle(fed: Federation, model: Model, program: Program) -> None:
     """Accept connections and wait until the federation agrees with *model*.
 
     Fails with the differences when it does not by :data:`DEADLINE`, when it is
-    quiescent and still disagrees for longer than :data:`GRACE`, or when an
-    enabled zone stays behind without moving for :data:`STALL` seconds.
+    quiescent and still disagrees for longer than :data:`GRACE`, when an enabled
+    zone stays behind without moving for :data:`STALL` seconds, or when a zone's
+    engine exited (a zone process that died).
     """
     fed.accept()
     enabled = model.enabled()
+    # A zone that was just restarted may first need its process to start.
+    stall = STALL + fed.network.zones.start_time
     problems: list[str] = []
     verdict = f"not converged after {DEADLINE}s"
     disagreeing_since: float | None = None
@@ -389,10 +432,14 @@ async def settle(fed: Federation, model: Model, program: Program) -> None:
                 cursors = (positions.zones_in_global[zone], positions.global_in_zones[zone])
                 if zone not in progress or progress[zone][0] != cursors:
                     progress[zone] = (cursors, now)
-                elif not positions.caught_up(zone) and now - progress[zone][1] > STALL:
+                elif not positions.caught_up(zone) and now - progress[zone][1] > stall:
                     stuck.append(zone)
             if stuck:
-                verdict = f"{', '.join(stuck)} behind and not moving for {STALL}s"
+                verdict = f"{', '.join(stuck)} behind and not moving for {stall}s"
+                break
+            exited = fed.network.zones.exited()
+            if exited:
+                verdict = f"the engine of {', '.join(exited)} exited"
                 break
             # Polling: the stores offer no event for "every plane caught up".
             await anyio.sleep(POLL)
@@ -407,16 +454,28 @@ async def settle(fed: Federation, model: Model, program: Program) -> None:
     raise AssertionError("\n".join(lines))
 
 
-async def run_program(stores: StoreFactory, program: Program) -> None:
-    """Run *program* against a new federation, then check that it converges."""
+async def run_program(layout: Layout, program: Program) -> None:
+    """Run *program* against a new federation laid out as *layout*, then check it converges."""
     model = Model(program.zones)
+    stores = layout.stores
     async with contextlib.AsyncExitStack() as stack:
         global_store = await stack.enter_async_context(await stores.create())
+        # Recipes kept: a zone in a process of its own opens its store from one.
+        specs = {zone: await stores.new_spec() for zone in program.zones}
         zone_stores = {
-            zone: await stack.enter_async_context(await stores.create()) for zone in program.zones
+            zone: await stack.enter_async_context(spec.create()) for zone, spec in specs.items()
         }
-        async with anyio.create_task_group() as group:
-            fed = Federation(group, global_store, zone_stores)
+        async with (
+            open_network(
+                layout.network,
+                stores=zone_stores,
+                specs=specs,
+                options=FAST,
+                work_dir=layout.work_dir,
+            ) as network,
+            anyio.create_task_group() as group,
+        ):
+            fed = Federation(group, global_store, zone_stores, network)
             await fed.start()
             for op in program.ops:
                 await fed.apply(op, enabled=model.enabled())
@@ -435,15 +494,35 @@ async def run_program(stores: StoreFactory, program: Program) -> None:
 
 
 # Each example runs a whole federation, yet only takes tens to hundreds of
-# milliseconds (more with SQLite stores than with memory ones), so the active
-# profile's number of examples is used as it is: the dev profile runs this file in
-# about ten seconds on two cores when replication is correct, and the ci and
-# nightly profiles scale it up. (A failure takes minutes: Hypothesis shrinks it.)
+# milliseconds (more with SQLite stores than with memory ones, more over gRPC than
+# in memory), so the active profile's number of examples is used as it is: the dev
+# profile runs these four layouts in about half a minute on two cores when
+# replication is correct, and the ci and nightly profiles scale it up. (A failure
+# takes minutes: Hypothesis shrinks it.)
 @given(program=programs())
 async def test_replication_converges_under_random_writes_and_faults(
-    plane_stores: StoreFactory, program: Program
+    layout: Layout, program: Program
 ) -> None:
-    await run_program(plane_stores, program)
+    await run_program(layout, program)
+
+
+ZONE_PROCESS_EXAMPLES: Final = max(5, settings().max_examples // 3)
+"""Examples with zones in processes: a third of the active profile's, at least five.
+
+Each example starts two or three processes (about half a second each, importing
+gRPC; more on a loaded machine) and one more per zone restart, so it takes one to
+three seconds: 8 examples under the dev profile (about 20 s on two cores), 66
+under ci, 666 nightly. The in-process gRPC runs already play every network fault
+with the profile's full count; these add real crashes and a store shared between
+processes."""
+
+
+@settings(max_examples=ZONE_PROCESS_EXAMPLES)
+@given(program=programs())
+async def test_replication_converges_with_each_zone_in_its_own_process(
+    layout_with_zone_processes: Layout, program: Program
+) -> None:
+    await run_program(layout_with_zone_processes, program)
 
 
 def _key(type_name: str, mesh: str | None, name: str) -> ResourceKey:
@@ -501,8 +580,8 @@ EXAMPLE: Final = Program(
 )
 
 
-async def test_a_fixed_program_with_every_fault_converges(plane_stores: StoreFactory) -> None:
-    await run_program(plane_stores, EXAMPLE)
+async def test_a_fixed_program_with_every_fault_converges(any_layout: Layout) -> None:
+    await run_program(any_layout, EXAMPLE)
 
 
 def test_the_fixed_program_uses_every_operation() -> None:

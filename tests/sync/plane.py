@@ -1,19 +1,29 @@
 """A zone control plane in a process of its own, for tests that run planes apart.
 
 ``python -m tests.sync.plane --store PATH --zone NAME --address grpcs://... --ca FILE``
-replicates the SQLite store at PATH with the global until it is terminated.
+replicates the SQLite store at PATH with the global until it is terminated
+(SIGTERM: it stops cleanly and exits 0) or killed. Other options tune it as a test
+needs: the store's ``--synchronous`` mode and ``--poll-interval``, any field of
+:class:`~kds.sync.SyncOptions` (``--sync-option heartbeat_interval=0.1``, repeatable),
+the gRPC ``--connect-timeout``, and a ``--log-level`` for stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
+from typing import TYPE_CHECKING, Any
 
 import anyio
+import attrs
 
 from kds.sync import SyncOptions, ZoneEngine
 from kds_stores.sqlite import SQLiteStore
-from kds_transports.grpc import GrpcTransport
+from kds_transports.grpc import GrpcClientOptions, GrpcTransport
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 # Short timings, as the in-process tests use: a lost session is noticed quickly.
 OPTIONS = SyncOptions(
@@ -21,18 +31,38 @@ OPTIONS = SyncOptions(
 )
 
 
-async def run(store_path: str, zone: str, address: str, ca_file: str) -> None:
+def sync_options(overrides: Mapping[str, str]) -> SyncOptions:
+    """:data:`OPTIONS` with *overrides* (field name -> value as text) applied."""
+    fields = attrs.fields_dict(SyncOptions)
+    values: dict[str, Any] = {}
+    for name, text in overrides.items():
+        if name not in fields:
+            raise ValueError(f"SyncOptions has no field {name!r}; it has {', '.join(fields)}")
+        # Each field's default tells its type: seconds are floats, counts and sizes ints.
+        values[name] = type(getattr(OPTIONS, name))(text)
+    return attrs.evolve(OPTIONS, **values)
+
+
+async def run(args: argparse.Namespace) -> None:
     """Replicate until SIGTERM."""
-    transport = GrpcTransport.client(address, zone=zone, ca_file=ca_file)
-    async with (
-        SQLiteStore(store_path, poll_interval=0.02) as store,
-        anyio.create_task_group() as group,
-    ):
-        group.start_soon(ZoneEngine(store, transport, zone=zone, options=OPTIONS).run)
+    transport = GrpcTransport.client(
+        args.address, zone=args.zone, ca_file=args.ca, connect_timeout=args.connect_timeout
+    )
+    options = sync_options(dict(args.sync_option))
+    store = SQLiteStore(args.store, poll_interval=args.poll_interval, synchronous=args.synchronous)
+    async with store, anyio.create_task_group() as group:
+        group.start_soon(ZoneEngine(store, transport, zone=args.zone, options=options).run)
         with anyio.open_signal_receiver(signal.SIGTERM) as signals:
             async for _ in signals:
                 break
         group.cancel_scope.cancel()
+
+
+def _name_and_value(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), value.strip()
 
 
 def main() -> None:
@@ -42,8 +72,23 @@ def main() -> None:
     parser.add_argument("--zone", required=True)
     parser.add_argument("--address", required=True)
     parser.add_argument("--ca", required=True)
+    parser.add_argument("--synchronous", choices=["normal", "full"], default="full")
+    parser.add_argument("--poll-interval", type=float, default=0.02)
+    parser.add_argument(
+        "--sync-option", type=_name_and_value, action="append", default=[], metavar="NAME=VALUE"
+    )
+    parser.add_argument(
+        "--connect-timeout", type=float, default=GrpcClientOptions().connect_timeout
+    )
+    # Warnings only by default: a parent that leaves stderr to a pipe it never reads
+    # must not see the child block on a full pipe.
+    parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args()
-    anyio.run(run, args.store, args.zone, args.address, args.ca)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s {args.zone} %(levelname)s %(name)s: %(message)s",
+    )
+    anyio.run(run, args)
 
 
 if __name__ == "__main__":
