@@ -631,11 +631,15 @@ class GrpcTransport(Transport):
                 f"TLS: the global's certificate is not valid for the name dialled ({text}); "
                 "set server_name to a name it is valid for"
             )
-        if "wrong_version_number" in lowered or "handshake" in lowered:
+        if "wrong_version_number" in lowered:
+            # What a TLS client reads when the other end answers in plaintext.
             return (
                 f"TLS handshake failed ({text}); if the global serves plaintext, "
                 "dial a grpc:// address"
             )
+        if "handshake" in lowered:
+            # Anything else, a connection reset by a proxy or load balancer among them.
+            return f"TLS handshake failed ({text})"
         if code == grpc.StatusCode.UNIMPLEMENTED:
             return f"the server does not serve kds sessions ({code.name}: {text})"
         if code == grpc.StatusCode.UNAVAILABLE:
