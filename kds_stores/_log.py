@@ -34,6 +34,7 @@ from kds.errors import (
 )
 from kds.resource import Catalog, Resource, ResourceKey
 from kds.store import (
+    DEFAULT_READ_LIMIT,
     Cursor,
     Delete,
     Deleted,
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from kds.store import PreparedChange, Tracking
 
 MAX_BATCH_CHANGES: Final = 50_000  # changes per group-commit transaction (soft cap)
+_RECENT_EVENTS: Final = 4 * DEFAULT_READ_LIMIT  # decoded events of the tail kept for readers
 
 UNIX_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 MICROSECOND: Final = timedelta(microseconds=1)
@@ -358,6 +360,59 @@ class Commit:
             self.future.set_exception(error)
 
 
+class RecentEvents:
+    """The stretch of the log last read, decoded, for every reader of one store.
+
+    A global serving many zones has a reader per zone following the same tail of
+    its log: the first to read an event decodes it for all, the others are served
+    from here without a query. Holds one contiguous run of revisions, at most
+    *capacity* events; events never change once committed, so a run stays valid
+    until compaction removes the beginning of the log (see :meth:`forget_through`).
+    """
+
+    __slots__ = ("_capacity", "_events", "_floor", "_low")
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._events: list[Event] = []
+        self._low = 0  # the run holds revisions _low + 1 .. _low + len(_events)
+        # Compacted through here: never served again, even by a read that was in
+        # flight during the compaction and adds what it read afterwards.
+        self._floor = 0
+
+    def get(self, after: int, limit: int, head: int) -> list[Event] | None:
+        """Up to *limit* events after *after*, if held, none past *head*; else ``None``.
+
+        *head* is a head known to be committed: the result may stop short of the
+        real head (other writers), never go past what was committed.
+        """
+        start = after - self._low
+        if start < 0 or start >= len(self._events) or after >= head or after < self._floor:
+            return None
+        return self._events[start : start + min(limit, head - after)]
+
+    def add(self, after: int, events: list[Event]) -> None:
+        """Remember *events*, read after *after*, if they are the log's next revisions."""
+        if not events or events[0].revision != after + 1:
+            return
+        if events[-1].revision - after != len(events):
+            return  # not contiguous (never, as revisions are dense): keep nothing
+        held = self._events
+        if held and after == self._low + len(held):
+            held.extend(events)  # the run continues
+        elif not (held and self._low <= after and events[-1].revision <= self._low + len(held)):
+            self._events, self._low = list(events), after  # a new run (unless inside this one)
+        excess = len(self._events) - self._capacity
+        if excess > 0:
+            del self._events[:excess]
+            self._low += excess
+
+    def forget_through(self, revision: int) -> None:
+        """Never serve a read after a revision below *revision* again: compacted away."""
+        self._floor = max(self._floor, revision)
+        self._events, self._low = [], 0
+
+
 class LogStore(Store):
     """A :class:`~kds.Store` whose backend holds the view, the log and tracking as rows.
 
@@ -387,6 +442,8 @@ class LogStore(Store):
         # The highest head this instance has seen committed; only ever a lower bound
         # of the real head (other processes may be ahead), used to wake waiters.
         self._known_head = 0
+        # Decoded events of the tail, shared by the readers following it.
+        self._recent = RecentEvents(_RECENT_EVENTS)
         self._changed: anyio.Event | None = None
         self._queue: deque[Commit] = deque()
         self._writer_task: asyncio.Task[None] | None = None

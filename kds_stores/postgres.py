@@ -1010,6 +1010,7 @@ class PostgresStore(LogStore):
                         raise ValueError(f"through must be within 0..{head}, got {through}")
                     if through > horizon:
                         await connection.execute(self._sql.compact, through)
+                self._recent.forget_through(through)
 
     # -- reads ---------------------------------------------------------------------
 
@@ -1103,11 +1104,16 @@ class PostgresStore(LogStore):
         check_read_args(after, limit)
         action = "reading events"
         after_arg = min(after, _MAX_BIGINT)  # no revision is higher; bigint takes no more
+        recent = self._recent.get(after, limit, self._known_head)
+        if recent is not None:
+            return recent
         rows = await self._fetch(self._sql.read, after_arg, limit, action=action)
         if rows:
             self._saw_head(rows[-1][0])
             with collection_paused():
-                return decode_events(_tuples(rows))
+                events = decode_events(_tuples(rows))
+            self._recent.add(after, events)
+            return events
         meta = await self._fetch(self._sql.meta, action=action)
         horizon, head = meta[0]["horizon"], meta[0]["head"]
         self._saw_head(head)

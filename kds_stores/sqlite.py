@@ -708,6 +708,7 @@ class SQLiteStore(LogStore):
                     with contextlib.suppress(Exception):
                         await db.execute_fetchall("ROLLBACK")
                     raise
+                self._recent.forget_through(through)
 
     # -- reads ---------------------------------------------------------------------
 
@@ -817,6 +818,9 @@ class SQLiteStore(LogStore):
         self._check_open()
         check_read_args(after, limit)
         action = "reading events"
+        recent = self._recent.get(after, limit, self._known_head)
+        if recent is not None:
+            return recent
         rows = await self._read(_READ_EVENTS, (after, limit), action)
         if rows:
             # The statement checked the horizon. The last revision read is a head
@@ -824,7 +828,9 @@ class SQLiteStore(LogStore):
             # needed to wake waiters).
             self._saw_head(rows[-1][0])
             with collection_paused():
-                return decode_events(rows)
+                events = decode_events(rows)
+            self._recent.add(after, events)
+            return events
         # No events after `after`, or `after` is below the horizon. A horizon read
         # now is at least the one then: if it still allows `after`, nothing was
         # missing.
