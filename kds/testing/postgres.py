@@ -356,15 +356,22 @@ class PostgresServer:
             self._private_copy(self._password.encode(), password_file)
             args += [f"--pwfile={password_file}", "--auth-host=scram-sha-256"]
         try:
-            subprocess.run(  # noqa: S603 -- fixed program, arguments we built
+            done = subprocess.run(  # noqa: S603 -- fixed program, arguments we built
                 args,
-                check=True,
+                check=False,
                 capture_output=True,
                 user=self._uid,
                 group=self._gid,
             )
         finally:
             password_file.unlink(missing_ok=True)
+        if done.returncode != 0:
+            # initdb says why on stderr; without it the failure cannot be diagnosed.
+            output = (done.stderr or done.stdout).decode(errors="replace").strip()
+            raise RuntimeError(
+                f"initdb in {self.data} failed with exit status {done.returncode}: "
+                f"{output[-2000:] or 'no output'}"
+            )
 
     def _private_copy(self, content: bytes, path: Path) -> None:
         """Write *content* to *path*, readable and writable by the server's account only."""

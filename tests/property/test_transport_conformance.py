@@ -2,8 +2,9 @@
 
 Backends are the factories of :mod:`tests.property.transport_conftest`. A check
 that needs a way to break connections runs only on the factories that have one:
-the sever check where ``sever`` is set (memory), the killed-process check where
-``open_peer_process`` is (gRPC, whose peer runs in a child process).
+the sever check where ``sever`` is set (memory; NATS, by killing the server), the
+killed-process check where ``open_peer_process`` is (gRPC and NATS, whose peer runs in a
+child process).
 """
 
 from __future__ import annotations
