@@ -32,10 +32,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from kds.testing._server import ServerProcess, free_port
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
-    from types import TracebackType
-    from typing import Self
 
     from kds.transport import Session
 
@@ -71,19 +71,12 @@ def nats_server_binary() -> Path:
     )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _quoted(value: str | Path) -> str:
     # NATS configuration strings take JSON's escapes.
     return json.dumps(str(value))
 
 
-class NatsServer:
+class NatsServer(ServerProcess):
     """A NATS server in a temporary directory, on a free loopback port.
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`.
@@ -131,7 +124,7 @@ class NatsServer:
         self.config = self.directory / "nats-server.conf"
         self.log = self.directory / "nats-server.log"
         self.host = "127.0.0.1"
-        self.port = _free_port()
+        self.port = free_port()
         self._user = user
         self._password = password
         self._token = token
@@ -151,29 +144,6 @@ class NatsServer:
         It never holds credentials: clients are given those separately.
         """
         return f"{'tls' if self._tls is not None else 'nats'}://{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        """The server process id while it runs."""
-        process = self._process
-        return process.pid if process is not None and process.poll() is None else None
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            # __exit__ is not called when __enter__ fails: clean up here instead.
-            self.cleanup()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
 
     def _configuration(self) -> str:
         lines = [f"listen: {_quoted(f'{self.host}:{self.port}')}"]

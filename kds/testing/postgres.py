@@ -27,7 +27,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import ssl
 import struct
 import subprocess
@@ -38,10 +37,10 @@ import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from kds.testing._server import ServerProcess, free_port
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
-    from types import TracebackType
-    from typing import Self
 
 __all__ = ["PostgresServer", "free_port"]
 
@@ -52,14 +51,6 @@ _START_TIMEOUT: Final = 60.0
 _SSL_REQUEST: Final = 80877103
 _GSSENC_REQUEST: Final = 80877104
 _RELAY_CHUNK: Final = 65536  # bytes
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _binaries() -> Path:
@@ -220,7 +211,7 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         await writer.drain()
 
 
-class PostgresServer:
+class PostgresServer(ServerProcess):
     """A PostgreSQL server in a temporary directory, on a free loopback port.
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`. The data
@@ -297,29 +288,6 @@ class PostgresServer:
         (clients never send an IP address as a name).
         """
         return list(self._tls_handshakes)
-
-    @property
-    def pid(self) -> int | None:
-        """The server process id while it runs."""
-        process = self._process
-        return process.pid if process is not None and process.poll() is None else None
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            # __exit__ is not called when __enter__ fails: clean up here instead.
-            self.cleanup()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
 
     @property
     def _uid(self) -> int | None:
