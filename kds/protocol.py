@@ -474,6 +474,8 @@ def _wire_resource(resource: Resource) -> list[Any]:
 
 def _wire_event(event: Event) -> list[Any]:
     if isinstance(event, Upserted):
+        # _wire_resource's row, written out: building it in place costs less than
+        # a call and a second list for every replicated event.
         resource = event.resource
         key = resource.key
         return [
