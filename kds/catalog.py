@@ -85,15 +85,19 @@ DEFAULT_CATALOG: Final = Catalog.of(
         # Global -> zones only. Mesh names are the same everywhere.
         ResourceType(
             name="Mesh",
+            flat_spec=True,
             scope=Scope.GLOBAL,
             flags=_F.GLOBAL_TO_ZONES,
             hash_names=False,
             validator=optional_fields(mtls=dict, networking=dict, routing=dict),
         ),
-        ResourceType(name="ServiceInsight", scope=Scope.MESH, flags=_F.GLOBAL_TO_ZONES),
+        ResourceType(
+            name="ServiceInsight", flat_spec=True, scope=Scope.MESH, flags=_F.GLOBAL_TO_ZONES
+        ),
         # Global -> zones, and zones may keep local ones of their own.
         ResourceType(
             name="Secret",
+            flat_spec=True,
             scope=Scope.MESH,
             flags=_GLOBAL_TO_ZONES_WITH_LOCAL,
             hash_names=False,
@@ -101,6 +105,7 @@ DEFAULT_CATALOG: Final = Catalog.of(
         ),
         ResourceType(
             name="GlobalSecret",
+            flat_spec=True,
             scope=Scope.GLOBAL,
             flags=_GLOBAL_TO_ZONES_WITH_LOCAL,
             hash_names=False,
@@ -108,13 +113,14 @@ DEFAULT_CATALOG: Final = Catalog.of(
         ),
         ResourceType(
             name="Config",
+            flat_spec=True,
             scope=Scope.GLOBAL,
             flags=_GLOBAL_TO_ZONES_WITH_LOCAL,
             hash_names=False,
             validator=optional_fields(config=str),
         ),
         # Both ways; zone copies go up for visibility only.
-        ResourceType(name="MeshGateway", scope=Scope.MESH, flags=_BIDIRECTIONAL),
+        ResourceType(name="MeshGateway", flat_spec=True, scope=Scope.MESH, flags=_BIDIRECTIONAL),
         # Both ways and re-broadcast to other zones (producer policies).
         *(
             ResourceType(
@@ -128,6 +134,7 @@ DEFAULT_CATALOG: Final = Catalog.of(
         # Zone -> global, then on to the other zones: cross-zone service discovery.
         ResourceType(
             name="ZoneIngress",
+            flat_spec=True,
             scope=Scope.GLOBAL,
             flags=_F.ZONE_TO_GLOBAL | _F.SYNCED_ACROSS_ZONES,
             validator=optional_fields(zone=str, networking=dict, availableServices=list),
@@ -140,26 +147,42 @@ DEFAULT_CATALOG: Final = Catalog.of(
         ),
         # Zone -> global only: runtime state the global aggregates.
         ResourceType(
-            name="Dataplane", scope=Scope.MESH, flags=_F.ZONE_TO_GLOBAL, validator=_NETWORKED
+            name="Dataplane",
+            flat_spec=True,
+            scope=Scope.MESH,
+            flags=_F.ZONE_TO_GLOBAL,
+            validator=_NETWORKED,
         ),
-        ResourceType(name="DataplaneInsight", scope=Scope.MESH, flags=_F.ZONE_TO_GLOBAL),
-        ResourceType(name="ZoneIngressInsight", scope=Scope.GLOBAL, flags=_F.ZONE_TO_GLOBAL),
+        ResourceType(
+            name="DataplaneInsight", flat_spec=True, scope=Scope.MESH, flags=_F.ZONE_TO_GLOBAL
+        ),
+        ResourceType(
+            name="ZoneIngressInsight", flat_spec=True, scope=Scope.GLOBAL, flags=_F.ZONE_TO_GLOBAL
+        ),
         ResourceType(
             name="ZoneEgress",
+            flat_spec=True,
             scope=Scope.GLOBAL,
             flags=_F.ZONE_TO_GLOBAL,
             validator=optional_fields(zone=str, networking=dict),
         ),
-        ResourceType(name="ZoneEgressInsight", scope=Scope.GLOBAL, flags=_F.ZONE_TO_GLOBAL),
+        ResourceType(
+            name="ZoneEgressInsight", flat_spec=True, scope=Scope.GLOBAL, flags=_F.ZONE_TO_GLOBAL
+        ),
         # Not replicated: each control plane keeps its own.
         ResourceType(
             name="Zone",
+            flat_spec=True,
             scope=Scope.GLOBAL,
             flags=_LOCAL_TO_EACH_PLANE,
             validator=optional_fields(enabled=bool),
         ),
-        ResourceType(name="ZoneInsight", scope=Scope.GLOBAL, flags=_LOCAL_TO_EACH_PLANE),
-        ResourceType(name="MeshInsight", scope=Scope.GLOBAL, flags=_F.PROVIDED_BY_GLOBAL),
+        ResourceType(
+            name="ZoneInsight", flat_spec=True, scope=Scope.GLOBAL, flags=_LOCAL_TO_EACH_PLANE
+        ),
+        ResourceType(
+            name="MeshInsight", flat_spec=True, scope=Scope.GLOBAL, flags=_F.PROVIDED_BY_GLOBAL
+        ),
     ]
 )
 """Every type kds knows out of the box; extend it with :meth:`Catalog.with_types`."""

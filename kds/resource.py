@@ -182,6 +182,10 @@ class ResourceType:
         hash_names: whether copies in other control planes get the hash-suffix name.
             Kuma skips it for Mesh, Secret, GlobalSecret and Config.
         validator: optional spec check run on every commit and every decode.
+        flat_spec: whether the HTTP API and YAML files show the spec's fields beside
+            ``type``, ``mesh`` and ``name`` (Kuma's older types: Mesh, Dataplane,
+            ZoneIngress, ...) rather than under ``spec`` (Kuma's newer policies, and the
+            default for new types).
     """
 
     name: str
@@ -189,6 +193,7 @@ class ResourceType:
     flags: SyncFlag = SyncFlag.NONE
     hash_names: bool = True
     validator: SpecValidator | None = attrs.field(default=None, eq=False)
+    flat_spec: bool = False
 
     @property
     def sent_from_global(self) -> bool:
