@@ -15,7 +15,7 @@ from kds.errors import ConfigError
 if TYPE_CHECKING:
     from kds.store import Store
 
-__all__ = ["STORES", "store_class"]
+__all__ = ["STORES", "store_class", "store_name"]
 
 STORES: Final = {
     "memory": "kds.testing.memory:MemoryStore",
@@ -54,3 +54,9 @@ def store_class(name: str) -> type[Store]:
     if not isinstance(cls, type) or not issubclass(cls, Store):
         raise ConfigError(f"store {name!r}: {target} is not a kds.Store subclass")
     return cls
+
+
+def store_name(store: Store) -> str:
+    """The registered name of *store*'s class (``sqlite``), or its ``module:Class`` path."""
+    path = f"{type(store).__module__}:{type(store).__qualname__}"
+    return next((name for name, target in STORES.items() if target == path), path)

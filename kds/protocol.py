@@ -132,6 +132,8 @@ class Hello:
         types: the resource types the zone knows; the global sends no others.
         instance_id: identifies this zone control plane instance (for insights).
         software_version: the zone's software version (for insights).
+        backend: the zone's store type (``sqlite``, ``postgres``, ...), shown as
+            BACKEND by ``kdsctl inspect zones``; empty when unknown. Older zones omit it.
     """
 
     kind: ClassVar[str] = "hello"
@@ -145,6 +147,7 @@ class Hello:
     types: frozenset[str]
     instance_id: str
     software_version: str
+    backend: str = ""
 
 
 @attrs.frozen(kw_only=True)

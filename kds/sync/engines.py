@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 import attrs
 
+from kds._registry import store_name
 from kds.errors import (
     ConnectError,
     ProtocolError,
@@ -521,6 +522,7 @@ class GlobalEngine:
                     "globalInstanceId": self.instance_id,
                     "zoneInstanceId": hello.instance_id,
                     "version": hello.software_version,
+                    "backend": hello.backend,
                     "connectTime": now,
                     "disconnectTime": None,
                     "lastSeen": now,
@@ -645,6 +647,7 @@ class ZoneEngine:
             types=frozenset(self.catalog.names()),
             instance_id=self.instance_id,
             software_version=_software_version(),
+            backend=store_name(self.store),
         )
         try:
             await _send_now(session, checker, hello)
