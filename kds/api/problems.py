@@ -1,0 +1,120 @@
+"""Error documents of the HTTP API (Kuma's ``/std-errors`` shape) and their translation.
+
+Every error the API answers is one JSON object::
+
+    {"type": "/std-errors", "status": 400, "title": "Invalid request",
+     "detail": "spec.mtls: must be a mapping, got list",
+     "invalid_parameters": [{"field": "spec.mtls", "reason": "must be a mapping, got list"}]}
+
+Handlers raise :class:`Problem`; the server's middleware turns it, the kds errors a
+store raises and aiohttp's own HTTP errors into such a document. Anything else is a
+500 whose document says nothing about the cause (the log has the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING, Any, Final
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from kds.errors import ValidationError
+
+__all__ = [
+    "ERROR_TYPE",
+    "TITLES",
+    "Problem",
+    "dumps",
+    "json_response",
+    "public_field",
+]
+
+ERROR_TYPE: Final = "/std-errors"
+"""The ``type`` of every error document (Kuma's)."""
+
+TITLES: Final[Mapping[int, str]] = {
+    400: "Invalid request",
+    403: "Access denied",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Payload too large",
+    500: "Internal server error",
+    503: "Service unavailable",
+}
+"""The ``title`` of error documents by status."""
+
+# A commit's ValidationError names "changes[0].spec.x" or "changes[0].key.name": the
+# client only sent one resource, whose fields are "spec.x" and "name".
+_CHANGE_PREFIX: Final = re.compile(r"^changes\[\d+\]\.")
+
+
+def dumps(value: object) -> str:
+    """Serialise a response body: UTF-8 JSON, non-ASCII characters as they are."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def json_response(value: object, *, status: int = 200) -> web.Response:
+    """A JSON response with *value* as its body."""
+    return web.json_response(value, status=status, dumps=dumps)
+
+
+def public_field(field: str) -> str:
+    """The field a client sent, for a store's :class:`ValidationError` field name."""
+    return _CHANGE_PREFIX.sub("", field).removeprefix("key.")
+
+
+class Problem(Exception):
+    """Raised by a handler to answer with an error document.
+
+    Args:
+        status: the HTTP status.
+        detail: what went wrong, for a person.
+        invalid_parameters: ``(field, reason)`` pairs naming what was wrong in the
+            request (its body, path or query).
+        title: overrides the status's usual title.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        invalid_parameters: Sequence[tuple[str, str]] = (),
+        *,
+        title: str | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.title = title or TITLES.get(status, "Error")
+        self.detail = detail
+        self.invalid_parameters = tuple(invalid_parameters)
+
+    @classmethod
+    def invalid(cls, field: str, reason: str) -> Problem:
+        """A 400 naming one bad field; the detail reads ``field: reason``."""
+        return cls(400, f"{field}: {reason}", [(field, reason)])
+
+    @classmethod
+    def from_validation(cls, error: ValidationError) -> Problem:
+        """A 400 for a :class:`~kds.errors.ValidationError`, with the client's field name."""
+        return cls.invalid(public_field(error.field), error.reason)
+
+    def document(self) -> dict[str, Any]:
+        """The error document."""
+        return {
+            "type": ERROR_TYPE,
+            "status": self.status,
+            "title": self.title,
+            "detail": self.detail,
+            "invalid_parameters": [
+                {"field": field, "reason": reason} for field, reason in self.invalid_parameters
+            ],
+        }
+
+    def response(self) -> web.Response:
+        """The error document as a response."""
+        return json_response(self.document(), status=self.status)
