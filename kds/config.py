@@ -48,6 +48,8 @@ if TYPE_CHECKING:
     from kds.sync import SyncOptions
     from kds_stores.postgres import PostgresSettings
     from kds_transports.grpc import Authenticate, GrpcTransport
+    from kds_transports.nats import Authenticate as NatsAuthenticate
+    from kds_transports.nats import NatsTransport
 
 __all__ = [
     "MASK",
@@ -73,6 +75,8 @@ __all__ = [
     "grpc_client",
     "grpc_server",
     "load_config",
+    "nats_client",
+    "nats_server",
     "postgres_settings",
     "render_defaults_yaml",
     "render_docs",
@@ -297,6 +301,17 @@ class NatsConfig:
     """Authentication token; empty for none. Never printed or logged."""
     creds_file: str = ""
     """NATS credentials file (JWT and NKey seed); empty for none."""
+    ca_file: str = ""
+    """PEM file of the CA(s) that sign the NATS server's certificate; empty trusts the
+    system's CAs. Needs a ``tls://`` URL."""
+    cert_file: str = ""
+    """PEM client certificate, for NATS servers that verify their clients
+    (``tls { verify: true }``); needs a ``tls://`` URL."""
+    key_file: str = ""
+    """PEM private key of ``certFile`` (required with it)."""
+    server_name: str = ""
+    """Name to check the NATS server's certificate against when the URL does not use
+    one of its names (an IP address, say); needs a ``tls://`` URL."""
 
 
 @attrs.frozen(kw_only=True)
@@ -1278,3 +1293,103 @@ def grpc_client(config: KdsConfig, *, credentials: str | None = None) -> GrpcTra
         max_frame_size=config.sync.max_frame_size,
     )
     return transport
+
+
+def _nats() -> Any:
+    try:
+        import kds_transports.nats as module
+    except ImportError as exc:
+        raise ConfigError(
+            f"transport nats cannot be imported: {exc}; install it with `pip install 'kds[nats]'`"
+        ) from exc
+    return module
+
+
+def _nats_options(config: KdsConfig) -> dict[str, Any]:
+    """``multizone.nats`` and ``sync`` as the options both sides pass to NatsTransport.
+
+    Raises:
+        ConfigError: settings that go together are not set together, exclude each
+            other, or need a ``tls://`` URL; named by key and environment variable.
+    """
+    nats = config.multizone.nats
+    checker = _Checker(config, {})
+
+    def where(name: str) -> str:
+        return checker.where(_setting_at("multizone", "nats", name))
+
+    for first, second in (("user", "password"), ("cert_file", "key_file")):
+        if bool(getattr(nats, first)) != bool(getattr(nats, second)):
+            raise ConfigError(f"{where(first)} and {where(second)} must be set together")
+    ways = [name for name in ("user", "token", "creds_file") if getattr(nats, name)]
+    if len(ways) > 1:
+        raise ConfigError(
+            f"{' and '.join(where(name) for name in ways)} exclude each other: "
+            "NATS authenticates a connection one way"
+        )
+    tls = all(part.strip().lower().startswith("tls://") for part in nats.url.split(","))
+    for name in ("ca_file", "cert_file", "key_file", "server_name"):
+        if getattr(nats, name) and not tls:
+            raise ConfigError(f"{where(name)} needs a tls:// URL in {where('url')}")
+    return {
+        "prefix": nats.prefix,
+        "user": nats.user or None,
+        "password": nats.password or None,
+        "token": nats.token or None,
+        "creds_file": nats.creds_file or None,
+        "ca_file": nats.ca_file or None,
+        "cert_file": nats.cert_file or None,
+        "key_file": nats.key_file or None,
+        "server_name": nats.server_name or None,
+        "max_frame_size": config.sync.max_frame_size,
+    }
+
+
+def _nats_transport(
+    config: KdsConfig, build: Callable[..., NatsTransport], **options: Any
+) -> NatsTransport:
+    """*build* (a NatsTransport factory) called with the NATS settings and *options*."""
+    settings = _nats_options(config)
+    try:
+        return build(config.multizone.nats.url, **settings, **options)
+    except ConfigError as exc:
+        # What is left for the transport to refuse: the URL, the prefix, a
+        # missing nkeys package; its message names the option and the value.
+        raise ConfigError(f"multizone.nats: {exc}") from exc
+
+
+def nats_server(
+    config: KdsConfig, *, authenticate: NatsAuthenticate | None = None
+) -> NatsTransport:
+    """The global's NATS transport: it serves zones through ``multizone.nats``.
+
+    Args:
+        config: the configuration.
+        authenticate: checks each zone before its session starts (see
+            :data:`kds_transports.nats.Authenticate`).
+
+    Raises:
+        ConfigError: the ``nats`` extra is not installed, or a setting is invalid.
+    """
+    return _nats_transport(config, _nats().NatsTransport.server, authenticate=authenticate)
+
+
+def nats_client(config: KdsConfig, *, credentials: str | None = None) -> NatsTransport:
+    """A zone's NATS transport: it reaches the global through ``multizone.nats``.
+
+    Args:
+        config: the configuration (``multizone.zone.name`` names the zone).
+        credentials: a token the zone presents to the global, if any.
+
+    Raises:
+        ConfigError: the ``nats`` extra is not installed, ``multizone.zone.name`` is
+            not set, or a setting is invalid.
+    """
+    name = config.multizone.zone.name
+    if not name.strip():
+        raise _Checker(config, {}).missing(
+            _setting_at("multizone", "zone", "name"), "for a zone on NATS"
+        )
+    return _nats_transport(
+        config, _nats().NatsTransport.client, zone=name, credentials=credentials or None
+    )

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Final, final
 import anyio
 import attrs
 
+from kds.config import MASK
 from kds.errors import ConfigError, ConnectError, TransportError
 from kds.transport import DEFAULT_MAX_FRAME_SIZE, SessionHandler, Transport
 from kds_transports.nats import wire
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup, TaskStatus
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
     from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -177,6 +179,10 @@ def _parse_address(address: str) -> _Target:
         if "://" not in text:
             text = f"nats://{text}"
         url = urllib.parse.urlsplit(text)
+        # Messages below quote the address: never with its user info (a password, or a
+        # token in the user name's place).
+        userinfo = url.netloc.rpartition("@")[0]
+        shown = address.replace(userinfo, MASK) if userinfo else address
         problem = ""
         if url.scheme not in ("nats", "tls"):
             problem = f"unknown scheme {url.scheme!r}"
@@ -197,7 +203,7 @@ def _parse_address(address: str) -> _Target:
                 problem = str(exc)
         if problem:
             raise ConfigError(
-                f"invalid NATS address {address!r} ({problem}): use nats://host:port, or "
+                f"invalid NATS address {shown!r} ({problem}): use nats://host:port, or "
                 f"tls://host:port for TLS, several separated by commas (port {DEFAULT_PORT} "
                 "when omitted)"
             )
@@ -657,6 +663,11 @@ class _Listener:
         self.sessions: dict[str, NatsSession] = {}
         self.stopping = False
         self.instance = transport._server.instance or f"{socket.gethostname()}:{os.getpid()}"
+        self._listening: Subscription | None = None  # on the connect subject
+        # Connect requests no admission has taken yet, by reply subject: a global
+        # that stops refuses them, so that their zones retry at once (another
+        # global, or this one restarted) instead of waiting out connect_timeout.
+        self._unanswered: dict[str, Connection] = {}
         self._requests: tuple[
             MemoryObjectSendStream[tuple[Connection, Msg]],
             MemoryObjectReceiveStream[tuple[Connection, Msg]],
@@ -675,11 +686,13 @@ class _Listener:
 
         async def on_request(message: Msg) -> None:
             # nats-py calls this from its own task: admissions run in serve()'s.
+            if message.reply:
+                self._unanswered[message.reply] = connection
             with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
                 send.send_nowait((connection, message))
 
         try:
-            await connection.client.subscribe(
+            self._listening = await connection.client.subscribe(
                 wire.connect_subject(transport._prefix), queue=wire.QUEUE_GROUP, cb=on_request
             )
             # Round trips, so that the server has the subscription before zones are
@@ -722,9 +735,10 @@ class _Listener:
             self.task_group.start_soon(self._admit, connection, message)
 
     async def stop(self) -> None:
-        """End every session ("server stopped") and close the connection."""
+        """Refuse the requests not yet admitted, end every session ("server stopped"), close."""
         self.stopping = True
         with anyio.CancelScope(shield=True):
+            await self._stop_listening()
             async with anyio.create_task_group() as closing:
                 for session in list(self.sessions.values()):
                     closing.start_soon(session.aclose, "server stopped")
@@ -733,6 +747,25 @@ class _Listener:
             for stream in self._requests:
                 stream.close()
         logger.info("stopped serving zones through %s", self.transport.address)
+
+    async def _stop_listening(self) -> None:
+        """Leave the queue group, then refuse every connect request not yet admitted."""
+        connection, subscription = self.connection, self._listening
+        if connection is not None and subscription is not None and not connection.lost.is_set():
+            # Draining: NATS hands later requests to another global of the queue
+            # group (or answers "no responders"), and those already on their way
+            # here are still taken, to be refused below rather than dropped. (nats-py
+            # sends the drain's PING ahead of its UNSUB: a request NATS routes here
+            # in between is lost, and its zone waits out connect_timeout.)
+            with (
+                anyio.move_on_after(self.transport._close_timeout),
+                contextlib.suppress(Exception),
+            ):
+                # nats-py leaves drain() unannotated.
+                await subscription.drain()  # type: ignore[no-untyped-call]
+        unanswered, self._unanswered = self._unanswered, {}
+        for reply, via in unanswered.items():
+            await self._refuse(via, reply, "the global is shutting down")
 
     def _closing(self, connection: Connection) -> bool:
         """Whether sessions can no longer be accepted on *connection*."""
@@ -750,6 +783,8 @@ class _Listener:
         if not reply:
             logger.debug("ignored a connect request without a reply subject")
             return
+        # Answered from here on, whatever happens (a CLOSE if the global stops).
+        self._unanswered.pop(reply, None)
         try:
             request = wire.ConnectRequest.from_json(message.data)
         except ValueError as exc:

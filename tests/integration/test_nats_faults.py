@@ -1,11 +1,16 @@
 """NatsTransport when NATS fails: a restarted server, a frozen one, a global that never answers.
 
 The server is a real nats-server (:class:`~kds.testing.nats.NatsServer`),
-stopped, frozen (SIGSTOP) and started again by its own pid.
+stopped, killed, frozen (SIGSTOP) and started again by its own pid. The last
+tests run the sync engines over it: replication across a NATS crash while every
+plane writes, and two globals on one NATS (HA), one of which vanishes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import random
+import secrets
 from contextlib import asynccontextmanager
 
 import anyio
@@ -13,10 +18,36 @@ import anyio.to_thread
 import nats
 import pytest
 
-from kds import ConnectError, SessionClosedError
+from kds import ConnectError, ResourceKey, SessionClosedError
+from kds.store import Delete, Upsert
+from kds.sync import GlobalEngine, SyncOptions, ZoneEngine, tracking_origin
+from kds.sync.engines import GLOBAL_ORIGIN
+from kds.testing import MemoryStore, TcpRelay
 from kds.testing.nats import NatsServer
+from kds_stores.sqlite import SQLiteStore
 from kds_transports.nats import NatsSession, NatsTransport, wire
 from kds_transports.nats.wire import Kind
+from tests.property.replication_model import (
+    GLOBAL_EXTRAS,
+    GLOBAL_KEYS,
+    GLOBAL_ORIGINS,
+    ZONE_EXTRAS,
+    ZONE_KEPT_KEYS,
+    ZONE_ORIGINS,
+    ZONE_SENT_KEYS,
+    GlobalDelete,
+    GlobalUpsert,
+    Model,
+    Op,
+    ZoneDelete,
+    ZoneUpsert,
+    authority_problems,
+    comparable_global_view,
+    describe_diff,
+    expected_global_view,
+    expected_zone_view,
+    view_of,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -147,3 +178,327 @@ async def test_a_zone_that_gets_no_answer_gives_up_and_tells_the_global():
             assert body == b"the zone gave up waiting for the global's answer"
         finally:
             await connection.close()
+
+
+async def test_a_stopping_global_answers_every_connect_request_it_received():
+    # Requests that reached the global just before it stops find it at every stage
+    # of admission (on their way, queued, being admitted, admitted): each gets an
+    # answer, a REFUSE or an ACCEPT and then a CLOSE, and none is left for its zone
+    # to wait out connect_timeout. Its zone then retries at once, and NATS hands
+    # the retry to another global of the queue group, or to this one restarted.
+    requests = 20
+    with NatsServer() as server:
+        connection = await nats.connect(server.url, allow_reconnect=False)
+        try:
+            answers = await connection.subscribe("kds.s.*.g2z")
+            await subscribed(connection)
+            transport = NatsTransport.server(
+                server.url, keepalive_interval=KEEPALIVE, keepalive_timeout=KEEPALIVE
+            )
+            ids = [secrets.token_urlsafe(16) for _ in range(requests)]
+            async with anyio.create_task_group() as group:
+                await group.start(transport.serve, hold)
+                for session_id in ids:
+                    request = wire.ConnectRequest(
+                        session=session_id,
+                        zone="zone-1",
+                        credentials=None,
+                        address="127.0.0.1",
+                        max_frame_size=1 << 20,
+                        window=1 << 20,
+                        keepalive_interval=KEEPALIVE,
+                        max_payload=connection.max_payload,
+                    )
+                    _, g2z = wire.session_subjects("kds", session_id)
+                    await connection.publish("kds.connect", request.to_json(), reply=g2z)
+                # The server routed every request to the global before this returns.
+                await connection.flush()
+                group.cancel_scope.cancel()
+
+            final: dict[str, str] = {}
+            with anyio.fail_after(TIMEOUT):
+                while len(final) < requests:
+                    message = await answers.next_msg(timeout=TIMEOUT)
+                    kind, _, body = wire.decode(message.data)
+                    if kind in (Kind.REFUSE, Kind.CLOSE):
+                        final[message.subject.split(".")[2]] = body.decode()
+            assert sorted(final) == sorted(ids)
+            assert set(final.values()) <= {"the global is shutting down", "server stopped"}
+        finally:
+            await connection.close()
+
+
+async def hold(session: NatsSession) -> None:
+    await anyio.sleep_forever()
+
+
+# -- the sync engines over NATS ------------------------------------------------------------
+
+FAST = SyncOptions(
+    heartbeat_interval=0.1,
+    heartbeat_timeout=0.6,
+    handshake_timeout=2.0,
+    reconnect_base=0.02,
+    reconnect_max=0.2,
+    insight_interval=0.2,
+)
+ZONES = ("zone-1", "zone-2", "zone-3")
+WRITES = 30  # changes each plane commits before, while and after NATS is down
+WRITE_PAUSE = 0.005  # seconds between two changes of one writer: a steady stream, not a burst
+POLL = 0.02  # seconds between two looks at a condition nothing signals
+
+
+def global_over_nats(address: str, **options) -> NatsTransport:
+    options.setdefault("keepalive_interval", KEEPALIVE)
+    options.setdefault("keepalive_timeout", KEEPALIVE)
+    return NatsTransport.server(address, reconnect_wait=0.2, **options)
+
+
+def zone_over_nats(address: str, zone: str, **options) -> NatsTransport:
+    options.setdefault("keepalive_interval", KEEPALIVE)
+    options.setdefault("keepalive_timeout", KEEPALIVE)
+    return NatsTransport.client(address, zone=zone, connect_timeout=2.0, **options)
+
+
+async def until(condition, what: str, *, within: float = TIMEOUT) -> None:
+    """Return once *condition()* holds; fail naming *what* after *within* seconds."""
+    with anyio.move_on_after(within):
+        while True:
+            if condition():
+                return
+            await anyio.sleep(POLL)  # polling: the engines signal none of these conditions
+    raise AssertionError(f"not within {within} s: {what}")
+
+
+class Writer:
+    """Commits random changes to one plane's store and records them in the model."""
+
+    def __init__(self, model: Model, store, zone: str | None, seed: int) -> None:
+        self.model = model
+        self.store = store
+        self.zone = zone
+        self.random = random.Random(seed)
+        self.count = 0
+
+    def next_op(self) -> Op:
+        pick = self.random.choice
+        if self.zone is None:
+            if self.random.random() < 0.2:
+                return GlobalDelete(pick(GLOBAL_KEYS))
+            labels = {**pick(GLOBAL_ORIGINS), **pick(GLOBAL_EXTRAS)}
+            return GlobalUpsert(pick(GLOBAL_KEYS), labels, {"note": str(self.count)})
+        keys = ZONE_SENT_KEYS + ZONE_KEPT_KEYS
+        if self.random.random() < 0.2:
+            return ZoneDelete(self.zone, pick(keys))
+        labels = {**pick(ZONE_ORIGINS), **pick(ZONE_EXTRAS)}
+        return ZoneUpsert(self.zone, pick(keys), labels, {"note": str(self.count)})
+
+    async def write(self, writes: int) -> None:
+        """Commit *writes* more changes, one every :data:`WRITE_PAUSE` seconds."""
+        for _ in range(writes):
+            op = self.next_op()
+            match op:
+                case (
+                    GlobalUpsert(key=key, labels=labels, spec=spec)
+                    | ZoneUpsert(key=key, labels=labels, spec=spec)
+                ):
+                    await self.store.commit([Upsert(key=key, labels=labels, spec=spec)])
+                case GlobalDelete(key=key) | ZoneDelete(key=key):
+                    await self.store.commit([Delete(key=key, missing_ok=True)])
+            self.model.apply(op)
+            self.count += 1
+            await anyio.sleep(WRITE_PAUSE)
+
+
+async def differences(global_store, zone_stores, model: Model) -> list[str]:
+    """How the planes differ from *model*; empty once every plane caught up and agrees."""
+    head = await global_store.cursor()
+    for zone, store in zone_stores.items():
+        behind = (
+            await store.tracking(GLOBAL_ORIGIN) != head
+            or await global_store.tracking(tracking_origin(zone)) != await store.cursor()
+        )
+        if behind:
+            return [f"{zone} has not caught up yet"]
+    global_view = view_of(await global_store.list_resources())
+    compared = comparable_global_view(global_view, ())
+    problems = describe_diff(expected_global_view(model), compared)
+    problems += authority_problems(compared, model)
+    if problems:
+        problems.insert(0, "global:")
+    for zone, store in zone_stores.items():
+        expected = expected_zone_view(zone, model.zone_local[zone], global_view, ())
+        diff = describe_diff(expected, view_of(await store.list_resources()))
+        if diff:
+            problems += [f"{zone}:", *diff]
+    return problems
+
+
+async def converged(global_store, zone_stores, model: Model) -> None:
+    """Wait until every zone equals the filtered global view and the global holds each
+    zone's resources exactly once (the replication property test's checks)."""
+    problems: list[str] = []
+    with anyio.move_on_after(TIMEOUT):
+        while True:
+            problems = await differences(global_store, zone_stores, model)
+            if not problems:
+                return
+            await anyio.sleep(POLL)  # polling: stores signal no "every plane caught up"
+    raise AssertionError("\n".join(["not converged:", *problems]))
+
+
+async def test_replication_survives_a_nats_crash_while_every_plane_writes(tmp_path):
+    model = Model(ZONES)
+    with NatsServer() as server:
+        async with contextlib.AsyncExitStack() as stack:
+            global_store = await stack.enter_async_context(
+                SQLiteStore(tmp_path / "global.db", poll_interval=0.05)
+            )
+            zone_stores = {zone: await stack.enter_async_context(MemoryStore()) for zone in ZONES}
+            writers = [Writer(model, global_store, None, seed=0)]
+            writers += [
+                Writer(model, store, zone, seed=index)
+                for index, (zone, store) in enumerate(zone_stores.items(), start=1)
+            ]
+            global_engine = GlobalEngine(global_store, global_over_nats(server.url), options=FAST)
+            zones = {
+                zone: ZoneEngine(store, zone_over_nats(server.url, zone), zone=zone, options=FAST)
+                for zone, store in zone_stores.items()
+            }
+
+            async def write_everywhere() -> None:
+                async with anyio.create_task_group() as writing:
+                    for writer in writers:
+                        writing.start_soon(writer.write, WRITES)
+
+            def all_connected() -> bool:
+                return global_engine.connected_zones == sorted(ZONES) and all(
+                    engine.connected for engine in zones.values()
+                )
+
+            async with anyio.create_task_group() as group:
+                await group.start(global_engine.run)
+                for engine in zones.values():
+                    group.start_soon(engine.run)
+                await until(all_connected, "every zone connected")
+                await write_everywhere()  # before
+
+                sessions = {zone: engine.sessions for zone, engine in zones.items()}
+                async with anyio.create_task_group() as crash:
+                    crash.start_soon(write_everywhere)  # during
+                    await anyio.to_thread.run_sync(server.kill)
+                    await until(
+                        lambda: (
+                            not global_engine.connected_zones
+                            and not any(engine.connected for engine in zones.values())
+                        ),
+                        "every session ended on both sides",
+                    )
+                    await anyio.to_thread.run_sync(server.start)  # on the same port
+                    await until(
+                        lambda: (
+                            all_connected()
+                            and all(zones[zone].sessions > sessions[zone] for zone in ZONES)
+                        ),
+                        "every zone connected again",
+                    )
+                await write_everywhere()  # after
+                await converged(global_store, zone_stores, model)
+                group.cancel_scope.cancel()
+            assert all(writer.count == 3 * WRITES for writer in writers)
+
+
+async def test_a_vanished_global_is_detected_by_heartbeats_and_its_zones_move_to_the_other():
+    # Two globals on one NATS share one store (HA) and the zones between them;
+    # each connects to NATS through a relay of its own, so that one can vanish:
+    # its connection is cut and never comes back, and its zones hear nothing more.
+    zones = [f"zone-{index}" for index in range(1, 7)]
+    with NatsServer() as server:
+        async with contextlib.AsyncExitStack() as stack:
+            store = await stack.enter_async_context(MemoryStore())
+            relays = {
+                name: await stack.enter_async_context(TcpRelay(server.host, server.port))
+                for name in ("a", "b")
+            }
+            # Keepalive as by default (15 s): the sync engines' heartbeats are what
+            # must notice the silence.
+            globals_ = {
+                name: GlobalEngine(
+                    store,
+                    NatsTransport.server(f"nats://{relay.address}", reconnect_wait=0.2),
+                    options=FAST,
+                    instance_id=f"global-{name}",
+                )
+                for name, relay in relays.items()
+            }
+            engines = {
+                zone: ZoneEngine(
+                    await stack.enter_async_context(MemoryStore()),
+                    NatsTransport.client(server.url, zone=zone),
+                    zone=zone,
+                    options=FAST,
+                )
+                for zone in zones
+            }
+            group = await stack.enter_async_context(anyio.create_task_group())
+            for global_engine in globals_.values():
+                await group.start(global_engine.run)
+            for engine in engines.values():
+                group.start_soon(engine.run)
+
+            def served_by() -> dict[str, list[str]]:
+                return {
+                    zone: [name for name, g in globals_.items() if zone in g.connected_zones]
+                    for zone in zones
+                }
+
+            def settled() -> bool:
+                return all(served_by().values()) and all(
+                    engine.connected for engine in engines.values()
+                )
+
+            await until(settled, "every zone served")
+            # Each zone opened one session, and exactly one global serves it.
+            assert all(len(names) == 1 for names in served_by().values()), served_by()
+            assert {zone: engine.sessions for zone, engine in engines.items()} == dict.fromkeys(
+                zones, 1
+            )
+
+            # The global serving the first zone vanishes (it may serve others too).
+            [gone] = served_by()[zones[0]]
+            [other] = set(globals_) - {gone}
+            moved = [zone for zone, names in served_by().items() if names == [gone]]
+            relays[gone].refuse_connections()
+            await relays[gone].sever_all("the global vanished")
+
+            await until(
+                lambda: (
+                    settled()
+                    and all(names == [other] for names in served_by().values())
+                    and all(engines[zone].sessions > 1 for zone in moved)
+                ),
+                f"every zone served by global-{other}",
+            )
+            for zone, engine in engines.items():
+                if zone in moved:
+                    assert engine.sessions == 2
+                    assert engine.last_error is not None
+                    assert engine.last_error.startswith("nothing received for"), engine.last_error
+                else:
+                    assert engine.sessions == 1, f"{zone} was on the global that stayed"
+
+            # Replication goes on through the global that stayed.
+            mesh = ResourceKey("Mesh", None, "after-the-fail-over")
+            await store.commit([Upsert(key=mesh, spec={})])
+            for zone, engine in engines.items():
+                await until_found(engine.store, mesh, zone)
+            group.cancel_scope.cancel()
+
+
+async def until_found(store, key: ResourceKey, where: str) -> None:
+    with anyio.move_on_after(TIMEOUT):
+        while True:
+            if await store.find(key) is not None:
+                return
+            await anyio.sleep(POLL)  # polling, as in until()
+    raise AssertionError(f"{key} did not reach {where} within {TIMEOUT} s")

@@ -125,6 +125,14 @@ def test_bad_addresses_are_refused_with_the_reason(address, problem):
         NatsTransport.client(address)
 
 
+@pytest.mark.parametrize("address", ["nats://user:s3cret@nats:4222", "nats://s3cret@nats:4222"])
+def test_a_refused_address_is_quoted_without_its_credentials(address):
+    with pytest.raises(ConfigError) as refused:
+        NatsTransport.client(address)
+    assert "s3cret" not in str(refused.value)
+    assert "nats://****@nats:4222" in str(refused.value)
+
+
 @pytest.mark.parametrize(
     ("options", "named"),
     [

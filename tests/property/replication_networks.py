@@ -10,11 +10,14 @@ same code whichever network carries the sessions. It has two halves:
   itself. :class:`GrpcLinks` is gRPC with TLS over loopback, the zones dialling
   the global through a :class:`~kds.testing.TcpRelay`: a fault there is a real
   network fault (connections reset in both directions, new ones reset at once),
-  which neither engine nor transport is told about.
+  which neither engine nor transport is told about. :class:`NatsLinks` is NATS:
+  the global connects to a nats-server directly and the zones through such a
+  relay, so a fault cuts the zones off NATS and the global learns of it only
+  from the silence that follows (or from the zone's next session).
 * :class:`Zones`: where the zone engines run. :class:`ZoneEngines` runs them in
   this process; :class:`ZoneProcesses` runs each in a child process of its own
-  (:mod:`tests.sync.plane`, over gRPC, on the SQLite file this process also
-  opens), where restarting a zone is a crash: SIGKILL, and a new process.
+  (:mod:`tests.sync.plane`, over gRPC or NATS, on the SQLite file this process
+  also opens), where restarting a zone is a crash: SIGKILL, and a new process.
 
 :func:`open_network` puts the two together for one federation and takes them
 apart afterwards: child processes are killed by their own pid, whatever happens.
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.parse
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -39,6 +43,7 @@ from anyio.abc import Process
 from kds.sync import ZoneEngine
 from kds.testing import MemoryTransport, TcpRelay
 from kds_transports.grpc import GrpcTransport
+from kds_transports.nats import NatsTransport
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -55,6 +60,7 @@ __all__ = [
     "GrpcLinks",
     "Links",
     "MemoryLinks",
+    "NatsLinks",
     "Network",
     "NetworkName",
     "Task",
@@ -65,10 +71,19 @@ __all__ = [
     "open_network",
 ]
 
-NetworkName = Literal["memory", "grpc", "grpc-zone-processes"]
+NetworkName = Literal["memory", "grpc", "grpc-zone-processes", "nats", "nats-zone-processes"]
 
-NETWORKS: Final[tuple[NetworkName, ...]] = ("memory", "grpc", "grpc-zone-processes")
-"""Every network, by name: memory transport; gRPC in one process; gRPC, zones apart."""
+NETWORKS: Final[tuple[NetworkName, ...]] = (
+    "memory",
+    "grpc",
+    "grpc-zone-processes",
+    "nats",
+    "nats-zone-processes",
+)
+"""Every network, by name: memory transport; gRPC or NATS in one process, or zones apart."""
+
+NATS_NETWORKS: Final[frozenset[NetworkName]] = frozenset({"nats", "nats-zone-processes"})
+"""The networks that need a NATS server (:func:`open_network`'s ``nats_url``)."""
 
 STOP_TIMEOUT: Final = 30.0
 """Seconds an engine task or a killed process gets to end (it takes milliseconds)."""
@@ -80,7 +95,16 @@ Bounded well below the replication test's stall limit, so that a connection
 attempt lost in a fault is retried rather than awaited."""
 
 CLOSE_TIMEOUT: Final = 1.0
-"""Seconds a gRPC session's close waits to flush (and a stopping global its calls)."""
+"""Seconds a gRPC or NATS session's close waits to flush (and a stopping global its calls)."""
+
+NATS_KEEPALIVE: Final = 0.5
+"""Seconds: the NATS transport's keepalive interval and timeout.
+
+The sync engines' heartbeats (much shorter in these tests) usually notice a lost
+session first; this bounds how long a NATS session outlives silence if not."""
+
+NATS_RECONNECT_WAIT: Final = 0.2
+"""Seconds: the longest pause between a global's attempts to reach NATS again."""
 
 LOG_TAIL: Final = 15
 """Lines of a zone process's stderr shown when a run fails."""
@@ -163,6 +187,14 @@ class Links(abc.ABC):
         """Lines about the links, for failure messages."""
         return []
 
+    def plane_arguments(self) -> list[str]:
+        """The arguments with which :mod:`tests.sync.plane` dials the global over these links.
+
+        Raises:
+            TypeError: these links carry sessions only within this process.
+        """
+        raise TypeError(f"{type(self).__name__} cannot carry sessions to zone processes")
+
 
 class MemoryLinks(Links):
     """A :class:`MemoryTransport`: it refuses and severs sessions itself."""
@@ -239,12 +271,101 @@ class GrpcLinks(Links):
         self.relay.accept_connections()
 
     def status(self) -> list[str]:
-        relay = self.relay
+        return [_relay_status(self.relay)]
+
+    def plane_arguments(self) -> list[str]:
         return [
-            f"  relay {relay.address} -> {relay.target[0]}:{relay.target[1]}: "
-            f"{relay.connections} connections, {relay.open_connections} open, "
-            f"{relay.refused} refused, refusing={relay.refusing}"
+            "--transport",
+            "grpc",
+            "--address",
+            self.zone_address,
+            "--ca",
+            str(self.ca_file),
+            "--connect-timeout",
+            str(CONNECT_TIMEOUT),
         ]
+
+
+class NatsLinks(Links):
+    """NATS on loopback: the global connects to the server *relay* targets, zones via *relay*.
+
+    Every federation gets a subject prefix of its own, so federations sharing one
+    server never see each other's sessions (nor their connect requests). Faults
+    play on the relay, which carries only the zones' connections to NATS: a
+    network failure between the zones and NATS. A zone's connection is reset and
+    its session ends at once; the global's connection is untouched, so it learns
+    that the zone is gone from heartbeats, or from the zone's next session, which
+    supersedes the old one. A restarted global connects to NATS anew, on the same
+    prefix, as another global of the queue group would.
+    """
+
+    def __init__(self, relay: TcpRelay) -> None:
+        self.relay = relay
+        host, port = relay.target
+        self.server_url = f"nats://{host}:{port}"
+        """Where the global connects: the NATS server itself."""
+        self.prefix = f"kds-replication-{uuid.uuid4().hex[:12]}"
+
+    @property
+    def zone_address(self) -> str:
+        """What zones dial: the relay, in front of the NATS server."""
+        return f"nats://{self.relay.address}"
+
+    def global_transport(self) -> Transport:
+        return NatsTransport.server(
+            self.server_url,
+            prefix=self.prefix,
+            connect_timeout=CONNECT_TIMEOUT,
+            reconnect_wait=NATS_RECONNECT_WAIT,
+            keepalive_interval=NATS_KEEPALIVE,
+            keepalive_timeout=NATS_KEEPALIVE,
+            close_timeout=CLOSE_TIMEOUT,
+        )
+
+    def zone_transport(self, zone: str) -> Transport:
+        return NatsTransport.client(
+            self.zone_address,
+            zone=zone,
+            prefix=self.prefix,
+            connect_timeout=CONNECT_TIMEOUT,
+            keepalive_interval=NATS_KEEPALIVE,
+            keepalive_timeout=NATS_KEEPALIVE,
+            close_timeout=CLOSE_TIMEOUT,
+        )
+
+    async def sever(self) -> None:
+        await self.relay.sever_all("network cut")
+
+    def refuse(self) -> None:
+        self.relay.refuse_connections()
+
+    def accept(self) -> None:
+        self.relay.accept_connections()
+
+    def status(self) -> list[str]:
+        return [f"  NATS {self.server_url}, prefix {self.prefix}", _relay_status(self.relay)]
+
+    def plane_arguments(self) -> list[str]:
+        return [
+            "--transport",
+            "nats",
+            "--address",
+            self.zone_address,
+            "--prefix",
+            self.prefix,
+            "--connect-timeout",
+            str(CONNECT_TIMEOUT),
+            "--keepalive",
+            str(NATS_KEEPALIVE),
+        ]
+
+
+def _relay_status(relay: TcpRelay) -> str:
+    return (
+        f"  relay {relay.address} -> {relay.target[0]}:{relay.target[1]}: "
+        f"{relay.connections} connections, {relay.open_connections} open, "
+        f"{relay.refused} refused, refusing={relay.refusing}"
+    )
 
 
 # -- zones ------------------------------------------------------------------------------
@@ -314,20 +435,22 @@ class _Child:
 
 
 class ZoneProcesses(Zones):
-    """Each zone engine in a child process of its own, over gRPC, on a SQLite file.
+    """Each zone engine in a child process of its own, over *links*, on a SQLite file.
 
     A child runs :mod:`tests.sync.plane` on the file of *specs*' recipe for its
-    zone (this process has the same file open) with *options*, and logs to a file
-    in *log_dir*. :meth:`stop` kills it (SIGKILL: a crash) and waits for it;
-    :meth:`kill_all` kills whatever is left.
+    zone (this process has the same file open) with *options*, dialling as
+    :meth:`Links.plane_arguments` says, and logs to a file in *log_dir*.
+    :meth:`stop` kills it (SIGKILL: a crash) and waits for it; :meth:`kill_all`
+    kills whatever is left.
     """
 
-    # A Python process importing gRPC: about a second, several on a loaded machine.
+    # A Python process importing gRPC or nats-py: about a second, several on a loaded
+    # machine.
     start_time = 10.0
 
     def __init__(
         self,
-        links: GrpcLinks,
+        links: Links,
         specs: Mapping[str, StoreSpec],
         options: SyncOptions,
         log_dir: Path,
@@ -352,12 +475,7 @@ class ZoneProcesses(Zones):
             str(spec["path"]),
             "--zone",
             zone,
-            "--address",
-            self._links.zone_address,
-            "--ca",
-            str(self._links.ca_file),
-            "--connect-timeout",
-            str(CONNECT_TIMEOUT),
+            *self._links.plane_arguments(),
             "--log-level",
             "INFO",
         ]
@@ -439,13 +557,19 @@ async def open_network(
     specs: Mapping[str, StoreSpec],
     options: SyncOptions,
     work_dir: Path,
+    nats_url: str | None = None,
 ) -> AsyncIterator[Network]:
     """The network *name* for zones with *stores* (opened from *specs*).
 
     *work_dir* keeps the gRPC certificate (reused from one federation to the next)
-    and the zone processes' logs. On exit, in-process zone engines are stopped,
-    child processes killed and the relay closed; the global engine is the
-    caller's to stop.
+    and the zone processes' logs. The NATS networks run through the NATS server at
+    *nats_url* (``nats://127.0.0.1:<port>``), which may serve other federations
+    too: each uses a subject prefix of its own. On exit, in-process zone engines
+    are stopped, child processes killed and the relay closed; the global engine
+    is the caller's to stop.
+
+    Raises:
+        ValueError: a NATS network without *nats_url*, or a malformed one.
     """
     if name == "memory":
         links: Links = MemoryLinks()
@@ -453,16 +577,30 @@ async def open_network(
             yield Network(name, links, ZoneEngines(group, links, stores, options))
             group.cancel_scope.cancel()
         return
-    async with TcpRelay("127.0.0.1", 0) as relay:  # pointed at each global once it serves
-        grpc_links = GrpcLinks(relay, work_dir)
-        if name == "grpc":
+    if name in NATS_NETWORKS:
+        relay = TcpRelay(*_nats_server_address(name, nats_url))  # in front of the server
+    else:
+        relay = TcpRelay("127.0.0.1", 0)  # pointed at each global once it serves
+    async with relay:
+        links = NatsLinks(relay) if name in NATS_NETWORKS else GrpcLinks(relay, work_dir)
+        if not name.endswith("-zone-processes"):
             async with anyio.create_task_group() as group:
-                yield Network(name, grpc_links, ZoneEngines(group, grpc_links, stores, options))
+                yield Network(name, links, ZoneEngines(group, links, stores, options))
                 group.cancel_scope.cancel()
             return
         log_dir = Path(tempfile.mkdtemp(prefix="zone-logs-", dir=work_dir))
-        processes = ZoneProcesses(grpc_links, specs, options, log_dir)
+        processes = ZoneProcesses(links, specs, options, log_dir)
         try:
-            yield Network(name, grpc_links, processes)
+            yield Network(name, links, processes)
         finally:
             await processes.kill_all()
+
+
+def _nats_server_address(name: NetworkName, nats_url: str | None) -> tuple[str, int]:
+    """The host and port of *nats_url* (``nats://host:port``), which network *name* needs."""
+    if nats_url is None:
+        raise ValueError(f"network {name!r} needs nats_url: the address of a NATS server")
+    url = urllib.parse.urlsplit(nats_url)
+    if url.scheme != "nats" or not url.hostname or url.port is None:
+        raise ValueError(f"nats_url must be nats://host:port, got {nats_url!r}")
+    return url.hostname, url.port

@@ -9,9 +9,11 @@ exactly what the model says (key, labels and spec).
 The same federation runs over every network of
 :mod:`tests.property.replication_networks`: a MemoryTransport (on memory and on
 SQLite stores); gRPC with TLS in one process, the zones dialling through a TCP
-relay that cuts and refuses real connections; and the same with each zone in a
-process of its own, on a SQLite file this process writes and reads too, where
-restarting a zone means killing its process.
+relay that cuts and refuses real connections; NATS in one process (one
+nats-server for the module, a subject prefix per federation), the zones'
+connections to NATS going through such a relay; and gRPC and NATS with each zone
+in a process of its own, on a SQLite file this process writes and reads too,
+where restarting a zone means killing its process.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from kds.store import Cursor, Delete, Upsert
 from kds.sync import GlobalEngine, SyncOptions, tracking_origin
 from kds.sync.engines import GLOBAL_ORIGIN
 from kds.sync.lifecycle import zone_key
-from kds.testing import StoreFactory, StoreSpec
+from kds.testing import NatsServer, StoreFactory, StoreSpec
 from tests.property.replication_model import (
     Accept,
     AwaitSessions,
@@ -71,6 +73,7 @@ from tests.property.replication_model import (
     view_of,
 )
 from tests.property.replication_networks import (
+    NATS_NETWORKS,
     Network,
     NetworkName,
     Task,
@@ -79,7 +82,7 @@ from tests.property.replication_networks import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Collection
+    from collections.abc import Collection, Iterator
 
     from anyio.abc import TaskGroup
 
@@ -129,11 +132,13 @@ class Layout:
         network: the network's name (see :data:`replication_networks.NETWORKS`).
         stores: new, empty stores for each plane of each example.
         work_dir: kept from one example to the next: the gRPC certificate, zone logs.
+        nats_url: the module's NATS server, for the NATS networks.
     """
 
     network: NetworkName
     stores: StoreFactory
     work_dir: Path
+    nats_url: str | None = None
 
 
 def _store_factory(backend: str, tmp_path_factory: pytest.TempPathFactory) -> StoreFactory:
@@ -157,22 +162,36 @@ def _store_factory(backend: str, tmp_path_factory: pytest.TempPathFactory) -> St
     return StoreFactory("sqlite", sqlite_spec, durable=True)
 
 
+@pytest.fixture(scope="module")
+def nats_server() -> Iterator[NatsServer]:
+    """One NATS server for every NATS federation of the module (each has its own prefix)."""
+    with NatsServer() as server:
+        yield server
+
+
 def _layout(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Layout:
     network, backend = request.param
     work_dir = tmp_path_factory.mktemp(network)
-    return Layout(network, _store_factory(backend, tmp_path_factory), work_dir)
+    nats_url = None
+    if network in NATS_NETWORKS:
+        # Started by the first NATS layout only: the others need no server.
+        server: NatsServer = request.getfixturevalue("nats_server")
+        nats_url = server.url
+    return Layout(network, _store_factory(backend, tmp_path_factory), work_dir, nats_url)
 
 
 # Zones in other processes need their stores in files: SQLite only there. Memory
-# stores over gRPC cost little more than SQLite ones, and keep the network the only
-# change from the memory transport runs.
+# stores over gRPC or NATS cost little more than SQLite ones, and keep the network
+# the only change from the memory transport runs.
 IN_PROCESS: Final = [
     ("memory", "memory"),
     ("memory", "sqlite"),
     ("grpc", "memory"),
     ("grpc", "sqlite"),
+    ("nats", "memory"),
+    ("nats", "sqlite"),
 ]
-ZONE_PROCESSES: Final = [("grpc-zone-processes", "sqlite")]
+ZONE_PROCESSES: Final = [("grpc-zone-processes", "sqlite"), ("nats-zone-processes", "sqlite")]
 
 
 def _ids(param: tuple[str, str]) -> str:
@@ -189,7 +208,7 @@ def layout(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 def layout_with_zone_processes(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Layout:
-    """gRPC with every zone engine in a child process of its own, on SQLite files."""
+    """gRPC or NATS with every zone engine in a child process of its own, on SQLite files."""
     return _layout(request, tmp_path_factory)
 
 
@@ -472,6 +491,7 @@ async def run_program(layout: Layout, program: Program) -> None:
                 specs=specs,
                 options=FAST,
                 work_dir=layout.work_dir,
+                nats_url=layout.nats_url,
             ) as network,
             anyio.create_task_group() as group,
         ):

@@ -30,6 +30,8 @@ from kds.config import (
     grpc_client,
     grpc_server,
     load_config,
+    nats_client,
+    nats_server,
     postgres_settings,
     render_defaults_yaml,
     render_docs,
@@ -787,6 +789,153 @@ def test_grpc_server_uses_the_global_settings(tmp_path):
     assert transport.max_frame_size == 65536
     plaintext = load_config({"KDS_MULTIZONE_GLOBAL_KDS_TLS_ENABLED": "false"})
     assert global_kds_address(plaintext) == "grpc://0.0.0.0:5685"
+
+
+NATS_TLS = {
+    "KDS_MULTIZONE_TRANSPORT": "nats",
+    "KDS_MULTIZONE_NATS_URL": "tls://nats-1.example:4222, tls://nats-2.example",
+    "KDS_MULTIZONE_NATS_PREFIX": "kds.prod",
+    "KDS_MULTIZONE_NATS_CA_FILE": "/etc/kds/nats-ca.crt",
+    "KDS_MULTIZONE_NATS_CERT_FILE": "/etc/kds/nats.crt",
+    "KDS_MULTIZONE_NATS_KEY_FILE": "/etc/kds/nats.key",
+    "KDS_MULTIZONE_NATS_SERVER_NAME": "nats.internal",
+    "KDS_SYNC_MAX_FRAME_SIZE": "65536",
+}
+
+
+async def _check_zone(zone, credentials, address):
+    return zone
+
+
+def test_nats_server_uses_the_nats_and_sync_settings():
+    config = load_config(
+        {
+            **NATS_TLS,
+            "KDS_MULTIZONE_NATS_USER": "kds-global",
+            "KDS_MULTIZONE_NATS_PASSWORD": SECRET,
+        }
+    )
+    transport = nats_server(config, authenticate=_check_zone)
+    assert transport.address == "tls://nats-1.example:4222,tls://nats-2.example:4222"
+    assert transport.prefix == "kds.prod"
+    assert transport.max_frame_size == 65536
+    assert transport.server_options.authenticate is _check_zone
+    options = transport.connection_options
+    assert (options.user, options.password, options.token) == ("kds-global", SECRET, None)
+    assert options.ca_file == Path("/etc/kds/nats-ca.crt")
+    assert (options.cert_file, options.key_file) == (
+        Path("/etc/kds/nats.crt"),
+        Path("/etc/kds/nats.key"),
+    )
+    assert options.server_name == "nats.internal"
+
+
+def test_nats_client_dials_as_the_zone_with_its_credentials():
+    config = load_config(
+        {
+            "KDS_MODE": "zone",
+            "KDS_MULTIZONE_ZONE_NAME": "zone-1",
+            "KDS_MULTIZONE_TRANSPORT": "nats",
+            "KDS_MULTIZONE_NATS_URL": "nats://nats.example",
+            "KDS_MULTIZONE_NATS_TOKEN": SECRET,
+        }
+    )
+    transport = nats_client(config, credentials="zone-token")
+    assert transport.address == "nats://nats.example:4222"
+    assert transport.prefix == "kds"
+    assert transport.client_options.zone == "zone-1"
+    assert transport.client_options.credentials == "zone-token"
+    assert transport.connection_options.token == SECRET
+    assert transport.connection_options.ca_file is None
+    assert transport.max_frame_size == KdsConfig().sync.max_frame_size
+    assert nats_client(config).client_options.credentials is None
+
+
+def test_the_default_nats_settings_make_transports():
+    assert nats_server(KdsConfig()).address == "nats://127.0.0.1:4222"
+    zone = evolve(KdsConfig(), ("multizone", "zone", "name"), "zone-1")
+    assert nats_client(zone).client_options.zone == "zone-1"
+
+
+def test_a_zone_on_nats_needs_its_name_for_the_transport():
+    with pytest.raises(ConfigError) as info:
+        nats_client(KdsConfig())
+    assert str(info.value) == (
+        "multizone.zone.name is required for a zone on NATS: set KDS_MULTIZONE_ZONE_NAME or "
+        "KUMA_MULTIZONE_ZONE_NAME, or multizone.zone.name in the config file"
+    )
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        (
+            {"KDS_MULTIZONE_NATS_USER": "kds"},
+            "multizone.nats.user (KDS_MULTIZONE_NATS_USER) and multizone.nats.password "
+            "(KDS_MULTIZONE_NATS_PASSWORD) must be set together",
+        ),
+        (
+            {"KDS_MULTIZONE_NATS_PASSWORD": SECRET},
+            "multizone.nats.user (KDS_MULTIZONE_NATS_USER) and multizone.nats.password "
+            "(KDS_MULTIZONE_NATS_PASSWORD) must be set together",
+        ),
+        (
+            {
+                "KDS_MULTIZONE_NATS_USER": "kds",
+                "KDS_MULTIZONE_NATS_PASSWORD": SECRET,
+                "KDS_MULTIZONE_NATS_TOKEN": SECRET,
+            },
+            "multizone.nats.user (KDS_MULTIZONE_NATS_USER) and multizone.nats.token "
+            "(KDS_MULTIZONE_NATS_TOKEN) exclude each other: NATS authenticates a connection "
+            "one way",
+        ),
+        (
+            {"KDS_MULTIZONE_NATS_TOKEN": SECRET, "KDS_MULTIZONE_NATS_CREDS_FILE": "/x.creds"},
+            "multizone.nats.token (KDS_MULTIZONE_NATS_TOKEN) and multizone.nats.credsFile "
+            "(KDS_MULTIZONE_NATS_CREDS_FILE) exclude each other: NATS authenticates a "
+            "connection one way",
+        ),
+        (
+            {**NATS_TLS, "KDS_MULTIZONE_NATS_KEY_FILE": ""},
+            "multizone.nats.certFile (KDS_MULTIZONE_NATS_CERT_FILE) and multizone.nats.keyFile "
+            "(KDS_MULTIZONE_NATS_KEY_FILE) must be set together",
+        ),
+        (
+            {"KDS_MULTIZONE_NATS_CA_FILE": "/etc/kds/nats-ca.crt"},
+            "multizone.nats.caFile (KDS_MULTIZONE_NATS_CA_FILE) needs a tls:// URL in "
+            "multizone.nats.url (KDS_MULTIZONE_NATS_URL)",
+        ),
+        (
+            {**NATS_TLS, "KDS_MULTIZONE_NATS_URL": "tls://a:4222,nats://b:4222"},
+            "multizone.nats.caFile (KDS_MULTIZONE_NATS_CA_FILE) needs a tls:// URL in "
+            "multizone.nats.url (KDS_MULTIZONE_NATS_URL)",
+        ),
+        (
+            {"KDS_MULTIZONE_NATS_SERVER_NAME": "nats.internal"},
+            "multizone.nats.serverName (KDS_MULTIZONE_NATS_SERVER_NAME) needs a tls:// URL in "
+            "multizone.nats.url (KDS_MULTIZONE_NATS_URL)",
+        ),
+        (
+            {"KDS_MULTIZONE_NATS_URL": "http://nats.example:4222"},
+            "multizone.nats: invalid NATS address 'http://nats.example:4222' (unknown scheme "
+            "'http'): use nats://host:port, or tls://host:port for TLS, several separated by "
+            "commas (port 4222 when omitted)",
+        ),
+        (
+            {"KDS_MULTIZONE_NATS_PREFIX": "kds prod"},
+            "multizone.nats: prefix must be dot-separated tokens of letters, digits, '_' or "
+            "'-', got 'kds prod'",
+        ),
+    ],
+)
+def test_invalid_nats_settings_name_the_settings(environ, expected):
+    config = load_config(environ)
+    for build in (nats_server, nats_client):
+        zone = evolve(config, ("multizone", "zone", "name"), "zone-1")
+        with pytest.raises(ConfigError) as info:
+            build(zone)
+        assert str(info.value) == expected
+        assert SECRET not in str(info.value)
 
 
 def test_memory_store():
