@@ -5,6 +5,10 @@ environment through :func:`kds.config.load_config` (see ``docs/config.md``):
 ``KDS_*`` variables, with the ``KUMA_*`` names Kuma uses accepted as aliases. A
 configuration error ends the command with exit status 2 and one line on stderr.
 
+``kds-cp run`` starts a global or zone control plane (:class:`kds.daemon.ControlPlane`)
+and runs it until SIGTERM or SIGINT, which end it gracefully: zones are told Goodbye
+and the store is closed. A second signal during that shutdown exits at once.
+
 ``kds-cp config print`` shows the effective configuration (secrets masked);
 ``kds-cp config docs`` writes ``docs/config.md``. ``kds-cp migrate up`` creates or
 upgrades the PostgreSQL schema a store needs (``python -m kds migrate up`` does the
@@ -16,7 +20,10 @@ only from the configuration, the environment or a file, never from the command l
 from __future__ import annotations
 
 import importlib
+import json
+import logging
 import os
+import signal
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -36,6 +43,9 @@ __all__ = ["config_option", "load_cli_config", "main"]
 
 _EXIT_UNAVAILABLE = 1
 _EXIT_CONFIG = 2
+_EXIT_FORCED = 130  # a second signal: shutting down took too long for the operator
+
+logger = logging.getLogger("kds.cp")
 
 
 def _fail(error: KdsError) -> NoReturn:
@@ -217,3 +227,82 @@ def migrate_status(config_file: str | None, password_file: str | None, **options
     if version > module.SCHEMA_VERSION:
         click.echo("the schema is newer than this kds: upgrade kds")
         sys.exit(_EXIT_CONFIG)
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object a line, for log collectors (``log.format: json``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _configure_logging(config: KdsConfig) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if config.log.format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=config.log.level.upper(), handlers=[handler], force=True)
+
+
+async def _stop_on_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for number in signals:
+            if scope.cancel_called:
+                logger.warning("%s again: exiting now", signal.Signals(number).name)
+                os._exit(_EXIT_FORCED)
+            logger.info("%s: shutting down", signal.Signals(number).name)
+            scope.cancel()
+
+
+async def _run_until_signal(config: KdsConfig) -> None:
+    from kds.daemon import ControlPlane
+
+    plane = ControlPlane(config)
+    async with anyio.create_task_group() as group:
+        with anyio.CancelScope() as scope:
+            group.start_soon(_stop_on_signal, scope)
+            await plane.run()
+        group.cancel_scope.cancel()  # the signal watcher
+    logger.info("stopped")
+
+
+def _first_kds_error(error: BaseException) -> KdsError | None:
+    """The first :class:`KdsError` in *error*, looking inside exception groups."""
+    if isinstance(error, KdsError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _first_kds_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+@main.command("run")
+@config_option
+def run(config_file: str | None) -> None:
+    """Run a global or zone control plane until SIGTERM or SIGINT.
+
+    With no configuration at all this is a global keeping its resources in a SQLite
+    file in ~/.kds, serving zones on grpcs://0.0.0.0:5685 and its API on
+    http://127.0.0.1:5681. A zone needs KDS_MULTIZONE_ZONE_NAME and
+    KDS_MULTIZONE_ZONE_GLOBAL_ADDRESS (or Kuma's KUMA_* names); see docs/config.md.
+    """
+    config = load_cli_config(config_file)
+    _configure_logging(config)
+    try:
+        anyio.run(_run_until_signal, config, backend="asyncio")
+    except (KdsError, BaseExceptionGroup) as error:
+        found = _first_kds_error(error)
+        if found is None:
+            raise
+        _fail(found)

@@ -699,6 +699,11 @@ class ZoneEngine:
         try:
             ended = await replicator.run()
             self.last_error = ended.reason
+        except anyio.get_cancelled_exc_class():
+            # Stopping (SIGTERM): tell the global, so that it shows this zone Offline now
+            # rather than after a heartbeat timeout.
+            await _say_goodbye(session, GoodbyeCode.SHUTDOWN, "the zone control plane is stopping")
+            raise
         except StoreError as exc:
             self.last_error = f"store failure: {exc}"
             logger.warning("zone %r: store failure, reconnecting: %s", self.zone, exc)
