@@ -36,9 +36,9 @@ import grpc.aio
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from kds import tls
 from kds.errors import ConfigError, ConnectError, TransportError
 from kds.transport import DEFAULT_MAX_FRAME_SIZE, PeerInfo, SessionHandler, Transport
-from kds_transports.grpc import tls
 from kds_transports.grpc._session import (
     CLOSE_REASON_KEY,
     MAX_REASON_BYTES,
@@ -237,7 +237,7 @@ class GrpcTransport(Transport):
 
     **TLS on the global.** With ``cert_file``/``key_file`` it serves those. Without
     them it serves a self-signed certificate it generates on first start and keeps
-    in ``work_dir`` (:mod:`kds_transports.grpc.tls`), reusing it on restart. TLS
+    in ``work_dir`` (:mod:`kds.tls`), reusing it on restart. TLS
     versions: gRPC's TLS stack never negotiates below TLS 1.2, which is therefore
     enforced at the handshake; grpcio (up to at least 1.85) has no setting to
     raise that floor, so ``min_tls_version="1.3"`` is enforced per session

@@ -26,13 +26,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from kds import ConnectError, SessionClosedError, TransportError
-from kds_transports.grpc import GrpcSession, GrpcTransport
-from kds_transports.grpc.tls import (
+from kds.tls import (
     CERT_FILE_NAME,
     KEY_FILE_NAME,
     ensure_certificate,
     generate_certificate,
 )
+from kds_transports.grpc import GrpcSession, GrpcTransport
 
 pytestmark = pytest.mark.anyio
 

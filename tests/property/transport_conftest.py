@@ -32,8 +32,8 @@ from kds.testing.transport_checks import (
     memory_transport_factory,
     serve,
 )
+from kds.tls import CERT_FILE_NAME
 from kds_transports.grpc import GrpcTransport
-from kds_transports.grpc.tls import CERT_FILE_NAME
 from kds_transports.nats import NatsSession, NatsTransport
 
 if TYPE_CHECKING:

@@ -22,6 +22,7 @@ from kds import (
 )
 from kds.sync import GlobalEngine, SyncOptions, ZoneEngine
 from kds.testing import MemoryStore
+from kds.tls import CERT_FILE_NAME
 from kds_transports.grpc import (
     METHOD,
     GrpcClientOptions,
@@ -30,7 +31,6 @@ from kds_transports.grpc import (
     GrpcTransport,
 )
 from kds_transports.grpc._transport import _Listener
-from kds_transports.grpc.tls import CERT_FILE_NAME
 
 pytestmark = pytest.mark.anyio
 

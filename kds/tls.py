@@ -1,9 +1,9 @@
-"""TLS material for the gRPC transport: the global's default self-signed certificate.
+"""TLS material of the control plane's servers: the default self-signed certificate.
 
-A global serving ``grpcs://`` without a configured certificate generates one on
-first start, as Kuma's control plane does, and keeps it in its work directory so
-that a restart presents the same certificate (zones that pinned it with
-``ca_file`` keep working):
+A global serving ``grpcs://`` (and a zone's dataplane server) without a configured
+certificate generates one on first start, as Kuma's control plane does, and keeps it
+in its work directory so that a restart presents the same certificate (zones and
+proxies that pinned it with ``ca_file`` keep working):
 
 * ECDSA P-256 key, self-signed, valid for :data:`VALIDITY` (about ten years);
 * subject alternative names: the machine's hostname, ``localhost``,
