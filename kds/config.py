@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MASK",
     "ApiConfig",
+    "DpServerConfig",
     "GeneralConfig",
     "GlobalConfig",
     "GlobalKdsConfig",
@@ -85,6 +86,7 @@ __all__ = [
     "sync_options",
     "validate_config",
     "work_dir",
+    "zone_token",
 ]
 
 logger = logging.getLogger(__name__)
@@ -98,6 +100,7 @@ PostgresTlsMode: TypeAlias = Literal["disable", "verifyNone", "verifyCa", "verif
 TlsVersion: TypeAlias = Literal["1.2", "1.3"]
 LogLevel: TypeAlias = Literal["debug", "info", "warning", "error"]
 LogFormat: TypeAlias = Literal["text", "json"]
+ZoneAuth: TypeAlias = Literal["zoneToken", "none"]
 
 MASK: Final = "****"
 """What :func:`render_yaml` shows instead of a secret that is set."""
@@ -245,6 +248,11 @@ class GlobalKdsConfig:
     tls_extra_names: tuple[str, ...] = ()
     """More DNS names or IPs for a generated certificate, such as the load balancer's
     name that zones dial (comma-separated in the environment)."""
+    zone_auth: ZoneAuth = "zoneToken"
+    """How the global authenticates zones: ``zoneToken`` (the default) admits a zone only
+    with a ``cp``-scoped zone token issued for its name (``kdsctl generate zone-token
+    --zone Z --scope cp``); ``none`` trusts the name a zone claims, as Kuma's open-source
+    KDS does."""
 
 
 @attrs.frozen(kw_only=True)
@@ -269,6 +277,11 @@ class ZoneKdsConfig:
     of its names (a load balancer's IP, say)."""
     connect_timeout: float = 10.0
     """How long one connection attempt may take, TLS and admission included."""
+    cp_token: str = attrs.field(default="", repr=False, metadata=_meta(secret=True))
+    """The zone's ``cp``-scoped zone token, which the global requires by default; prefer
+    ``cpTokenPath``. Never printed or logged."""
+    cp_token_path: str = ""
+    """File holding the zone's ``cp``-scoped zone token (read at start-up)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -324,6 +337,23 @@ class MultizoneConfig:
     global_: GlobalConfig = attrs.field(factory=GlobalConfig, metadata=_meta(key="global"))
     zone: ZoneConfig = attrs.field(factory=ZoneConfig)
     nats: NatsConfig = attrs.field(factory=NatsConfig)
+
+
+@attrs.frozen(kw_only=True)
+class DpServerConfig:
+    """The zone's dataplane server, where ``kds-dp`` registers proxies (Kuma's ``dpServer``)."""
+
+    address: str = "0.0.0.0"  # noqa: S104 -- proxies on other hosts must reach it
+    """Interface the dataplane server listens on."""
+    port: int = attrs.field(default=5678, metadata=_meta(kuma=True, minimum=0, maximum=65535))
+    """Port the dataplane server listens on (HTTPS; 0 picks a free one)."""
+    tls_cert_file: str = attrs.field(default="", metadata=_meta(kuma=True))
+    """PEM certificate chain to serve; empty generates a self-signed certificate in
+    ``workDir`` (``kds-dp`` then needs ``--ca-cert-file``)."""
+    tls_key_file: str = attrs.field(default="", metadata=_meta(kuma=True))
+    """PEM private key of ``tlsCertFile`` (required with it)."""
+    heartbeat_timeout: float = 30.0
+    """A proxy that sent no heartbeat for this long is shown offline."""
 
 
 @attrs.frozen(kw_only=True)
@@ -393,6 +423,7 @@ class KdsConfig:
     store: StoreConfig = attrs.field(factory=StoreConfig)
     multizone: MultizoneConfig = attrs.field(factory=MultizoneConfig)
     api: ApiConfig = attrs.field(factory=ApiConfig)
+    dp_server: DpServerConfig = attrs.field(factory=DpServerConfig)
     sync: SyncConfig = attrs.field(factory=SyncConfig)
     log: LogConfig = attrs.field(factory=LogConfig)
 
@@ -884,6 +915,10 @@ class _Checker:
                 address,
                 f"expected grpcs://host:port (grpc:// for plaintext), got {zone.global_address!r}",
             )
+        token = _setting_at("multizone", "zone", "kds", "cp_token")
+        token_path = _setting_at("multizone", "zone", "kds", "cp_token_path")
+        if zone.kds.cp_token and zone.kds.cp_token_path:
+            raise self.fail(token, f"cannot be combined with {self.where(token_path)}: set one")
         skip = _setting_at("multizone", "zone", "kds", "tls_skip_verify")
         root_ca = _setting_at("multizone", "zone", "kds", "root_ca_file")
         if zone.kds.tls_skip_verify and zone.kds.root_ca_file:
@@ -899,12 +934,16 @@ class _Checker:
                         setting, f"needs a grpcs:// global address, got {zone.global_address!r}"
                     )
 
-    def check_global(self) -> None:
-        kds = self.config.multizone.global_.kds
-        if bool(kds.tls_cert_file) != bool(kds.tls_key_file):
-            cert = _setting_at("multizone", "global_", "kds", "tls_cert_file")
-            key = _setting_at("multizone", "global_", "kds", "tls_key_file")
+    def check_pair(self, *path: str) -> None:
+        """The ``tlsCertFile`` and ``tlsKeyFile`` under *path* are set together or not at all."""
+        cert = _setting_at(*path, "tls_cert_file")
+        key = _setting_at(*path, "tls_key_file")
+        if bool(cert.value_of(self.config)) != bool(key.value_of(self.config)):
             raise ConfigError(f"{self.where(cert)} and {self.where(key)} must be set together")
+
+    def check_global(self) -> None:
+        self.check_pair("multizone", "global_", "kds")
+        self.check_pair("dp_server")
 
     def check_postgres(self) -> None:
         postgres = self.config.store.postgres
@@ -1393,3 +1432,30 @@ def nats_client(config: KdsConfig, *, credentials: str | None = None) -> NatsTra
     return _nats_transport(
         config, _nats().NatsTransport.client, zone=name, credentials=credentials or None
     )
+
+
+def zone_token(config: KdsConfig) -> str | None:
+    """The zone's ``cp`` token: ``multizone.zone.kds.cpToken``, or the file at ``cpTokenPath``.
+
+    Returns ``None`` when neither is set (a global with ``zoneAuth: none`` needs none).
+
+    Raises:
+        ConfigError: the file cannot be read or is empty, naming the setting.
+    """
+    kds = config.multizone.zone.kds
+    if kds.cp_token:
+        return kds.cp_token.strip()
+    if not kds.cp_token_path:
+        return None
+    setting = _setting_at("multizone", "zone", "kds", "cp_token_path")
+    where = f"{setting.key} ({setting.env})"
+    path = Path(kds.cp_token_path).expanduser()
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{where}: {path} is not a text file") from exc
+    if not token:
+        raise ConfigError(f"{where}: {path} is empty")
+    return token

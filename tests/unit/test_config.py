@@ -525,13 +525,13 @@ def test_test_suite_variables_and_unknown_kuma_variables_are_ignored(caplog):
     environ = {
         "KDS_TEST_POSTGRES_DSN": "postgresql://x",
         "KDS_HYPOTHESIS_PROFILE": "ci",
-        "KUMA_DP_SERVER_PORT": "5678",
+        "KUMA_DP_SERVER_AUTHN_DP_PROXY_TYPE": "dpToken",
         "KUMA_API_SERVER_AUTHN_TYPE": "tokens",
         "PATH": "/usr/bin",
     }
     with caplog.at_level(logging.DEBUG, logger="kds.config"):
         assert load_config(environ) == KdsConfig()
-    assert "ignoring KUMA_DP_SERVER_PORT" in caplog.text
+    assert "ignoring KUMA_DP_SERVER_AUTHN_DP_PROXY_TYPE" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -675,6 +675,7 @@ def test_secrets_are_kept_out_of_repr():
         "store.postgres.password",
         "multizone.nats.password",
         "multizone.nats.token",
+        "multizone.zone.kds.cpToken",
     }
     config = KdsConfig()
     for s in secrets:
@@ -1040,9 +1041,10 @@ def configs(draw) -> KdsConfig:
         fixed["store", "postgres", "tls", "cert_path"],
         fixed["store", "postgres", "tls", "key_path"],
     ) = draw(_pair())
-    cert, key = draw(_pair())
-    fixed["multizone", "global_", "kds", "tls_cert_file"] = cert
-    fixed["multizone", "global_", "kds", "tls_key_file"] = key
+    for prefix in (("multizone", "global_", "kds"), ("dp_server",)):
+        fixed[(*prefix, "tls_cert_file")], fixed[(*prefix, "tls_key_file")] = draw(_pair())
+    if config.multizone.zone.kds.cp_token:
+        fixed["multizone", "zone", "kds", "cp_token_path"] = ""
     interval = config.sync.heartbeat_interval
     fixed["sync", "heartbeat_timeout"] = interval + draw(st.floats(1e-3, 1e6))
     for path, value in fixed.items():
@@ -1238,3 +1240,36 @@ def test_migrate_without_a_host_names_the_setting(fake_postgres):
         result.stderr,
     )
     assert fake_postgres == []
+
+
+def test_zone_token_comes_from_the_setting_or_the_file(tmp_path):
+    from kds.config import zone_token
+
+    assert zone_token(load_config({})) is None
+    assert zone_token(load_config({"KDS_MULTIZONE_ZONE_KDS_CP_TOKEN": " abc\n"})) == "abc"
+    path = tmp_path / "token"
+    path.write_text("xyz\n")
+    assert zone_token(load_config({"KDS_MULTIZONE_ZONE_KDS_CP_TOKEN_PATH": str(path)})) == "xyz"
+
+
+@pytest.mark.parametrize("content", [None, "", "\n"])
+def test_an_unreadable_or_empty_token_file_is_an_error_naming_the_setting(tmp_path, content):
+    from kds.config import zone_token
+
+    path = tmp_path / "token"
+    if content is not None:
+        path.write_text(content)
+    config = load_config({"KDS_MULTIZONE_ZONE_KDS_CP_TOKEN_PATH": str(path)})
+    with pytest.raises(ConfigError, match=r"cpTokenPath \(KDS_MULTIZONE_ZONE_KDS_CP_TOKEN_PATH\)"):
+        zone_token(config)
+
+
+def test_a_token_and_a_token_file_together_are_refused():
+    with pytest.raises(ConfigError, match=r"cpToken\): cannot be combined with .*cpTokenPath"):
+        load_config(
+            {
+                "KDS_MULTIZONE_ZONE_KDS_CP_TOKEN": "abc",
+                "KDS_MULTIZONE_ZONE_KDS_CP_TOKEN_PATH": "/x",
+                **ZONE,
+            }
+        )
