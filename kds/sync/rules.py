@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 __all__ = [
     "GLOBAL_COPY_LABELS",
     "INTERNAL_GLOBAL_SECRETS",
+    "INTERNAL_SECRET_PREFIXES",
     "SYNCED_CONFIGS",
     "Copy",
     "global_copy",
@@ -58,9 +59,14 @@ SYNCED_CONFIGS: Final = frozenset({"kuma-cluster-id"})
 INTERNAL_GLOBAL_SECRETS: Final = frozenset(
     {"envoy-admin-ca", "admin-user-token", "inter-cp-ca", "user-token-revocations"}
 )
-"""GlobalSecrets the global keeps to itself (with those prefixed ``user-token-signing-key``)."""
+"""GlobalSecrets the global keeps to itself (also those :data:`INTERNAL_SECRET_PREFIXES` name)."""
 
-_INTERNAL_SECRET_PREFIX: Final = "user-token-signing-key"  # noqa: S105 -- a name
+INTERNAL_SECRET_PREFIXES: Final = ("user-token-signing-key", "zone-token-signing-key")
+"""Name prefixes of GlobalSecrets the global keeps to itself: private signing keys.
+
+``zone-token-signing-public-key-<serial>`` does not start with ``zone-token-signing-key``,
+so zones still get the public keys they verify zone and dataplane tokens with."""
+
 _POLICY_ROLE_PRODUCER: Final = "producer"
 
 
@@ -93,7 +99,7 @@ def _withheld(resource_type: ResourceType, key: ResourceKey, labels: Mapping[str
     if resource_type.name == "Config":
         return key.name not in SYNCED_CONFIGS
     if resource_type.name == "GlobalSecret":
-        return key.name in INTERNAL_GLOBAL_SECRETS or key.name.startswith(_INTERNAL_SECRET_PREFIX)
+        return key.name in INTERNAL_GLOBAL_SECRETS or key.name.startswith(INTERNAL_SECRET_PREFIXES)
     return False
 
 
