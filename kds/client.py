@@ -23,6 +23,7 @@ from __future__ import annotations
 import difflib
 import socket
 import ssl
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Self
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -33,7 +34,7 @@ from kds.errors import KdsError, ValidationError
 from kds.resource import Catalog, ResourceType, Scope
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Iterator, Mapping, Sequence
     from types import TracebackType
 
 __all__ = [
@@ -231,6 +232,13 @@ class PutResult:
 
 def _segment(value: str) -> str:
     return quote(value, safe="")
+
+
+def _duration(value: str | timedelta) -> str:
+    """A validity as the API takes it: a duration text (``720h``)."""
+    if isinstance(value, timedelta):
+        return f"{int(value.total_seconds())}s"
+    return value
 
 
 class ControlPlaneClient:
@@ -483,6 +491,114 @@ class ControlPlaneClient:
             ApiError: an error answer.
         """
         return self._list("/zoneegresses/_overview", None, 0)
+
+    def service_insights(self, mesh: str | None = None) -> ResourceList:
+        """The ``all-services-<mesh>`` ServiceInsight of *mesh*, or of every mesh.
+
+        A zone holds the global's ServiceInsights under hash-suffix names with the
+        original in ``kuma.io/display-name``; both forms are found. Empty when the
+        control plane has none yet (or the mesh does not exist).
+
+        Raises:
+            ControlPlaneUnreachable: no answer.
+            ApiError: an error answer.
+        """
+        # Imported here: kds.insights brings the store machinery, which few commands need.
+        from kds.insights import is_service_insight_of
+
+        found = []
+        for item in self.list("service-insights", mesh).items:
+            name, labels, item_mesh = item.get("name"), item.get("labels"), item.get("mesh")
+            if not isinstance(name, str) or not isinstance(item_mesh, str):
+                continue
+            if is_service_insight_of(name, labels if isinstance(labels, dict) else {}, item_mesh):
+                found.append(item)
+        return ResourceList(len(found), found)
+
+    # -- tokens (the global's API) -------------------------------------------------------
+
+    def generate_zone_token(
+        self, zone: str, scopes: Sequence[str], *, valid_for: str | timedelta | None = None
+    ) -> str:
+        """Have the global issue a zone token (``POST /tokens/zone``); return the token.
+
+        Args:
+            zone: the zone it is for.
+            scopes: what it allows: ``cp``, ``ingress``, ``egress``.
+            valid_for: how long it is valid (``720h``, ``30m``, or a timedelta); the
+                control plane's default (720h) when ``None``.
+
+        Raises:
+            ControlPlaneUnreachable: no answer.
+            ApiError: an error answer (400 naming the bad field; 405 from a zone).
+        """
+        body: dict[str, Any] = {"zone": zone, "scope": list(scopes)}
+        if valid_for is not None:
+            body["validFor"] = _duration(valid_for)
+        return self._token("/tokens/zone", body)
+
+    def generate_dataplane_token(
+        self,
+        mesh: str,
+        name: str | None = None,
+        *,
+        valid_for: str | timedelta | None = None,
+    ) -> str:
+        """Have the global issue a dataplane token (``POST /tokens/dataplane``); return it.
+
+        Args:
+            mesh: the mesh whose Dataplanes it may register.
+            name: the only Dataplane it may register; any in *mesh* when ``None``.
+            valid_for: how long it is valid (``720h``, ``30m``, or a timedelta).
+
+        Raises:
+            ControlPlaneUnreachable: no answer.
+            ApiError: an error answer (400 naming the bad field; 405 from a zone).
+        """
+        body: dict[str, Any] = {"mesh": mesh}
+        if name is not None:
+            body["name"] = name
+        if valid_for is not None:
+            body["validFor"] = _duration(valid_for)
+        return self._token("/tokens/dataplane", body)
+
+    def rotate_signing_key(self) -> int:
+        """Create a new zone token signing key on the global; return its serial.
+
+        Raises:
+            ControlPlaneUnreachable: no answer.
+            ApiError: an error answer (405 from a zone).
+        """
+        body = self._request("POST", "/tokens/zone/signing-keys")
+        serial = body.get("serial") if isinstance(body, dict) else None
+        if not isinstance(serial, int) or isinstance(serial, bool):
+            raise ApiError(200, "Unexpected answer", "the new signing key's serial is missing")
+        return serial
+
+    def remove_signing_key(self, serial: int) -> None:
+        """Remove the zone token signing key *serial* on the global.
+
+        Raises:
+            ControlPlaneUnreachable: no answer.
+            ApiError: an error answer (404: no such key; 409: it is the only one).
+        """
+        self._request("DELETE", f"/tokens/zone/signing-keys/{serial}")
+
+    def revoke_tokens(self, ids: Sequence[str]) -> None:
+        """Revoke zone or dataplane tokens by id (their ``jti`` claims) on the global.
+
+        Raises:
+            ControlPlaneUnreachable: no answer.
+            ApiError: an error answer (400 naming a bad id).
+        """
+        self._request("POST", "/tokens/zone/revocations", json={"ids": list(ids)})
+
+    def _token(self, path: str, body: Mapping[str, Any]) -> str:
+        response = self._send("POST", path, json=dict(body))
+        token = response.text.strip()
+        if not token or any(c.isspace() for c in token):
+            raise ApiError(200, "Unexpected answer", f"POST {path} did not return a token")
+        return token
 
     # -- plumbing -----------------------------------------------------------------------
 

@@ -290,7 +290,19 @@ def _schemas(catalog: Catalog) -> dict[str, Any]:
                         "zoneEgresses": _COUNT,
                     },
                 },
-                "meshes": _COUNT,
+                "meshes": {
+                    "type": "object",
+                    "properties": {
+                        "total": {"type": "integer"},
+                        "withoutMtlsAcrossZones": {
+                            "type": "array",
+                            "items": {"type": "string"},
+                            "description": "Meshes with dataplanes in several zones but no "
+                            "mTLS: cross-zone traffic needs mTLS.",
+                        },
+                    },
+                    "required": ["total", "withoutMtlsAcrossZones"],
+                },
                 "resources": {"type": "object", "additionalProperties": _COUNT},
             },
             "required": ["type", "createdAt", "zones", "meshes", "resources"],

@@ -11,6 +11,7 @@ import html
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from kds.api.representation import format_time, jsonable
+from kds.insights import meshes_without_mtls_across_zones
 from kds.resource import LABEL_ZONE
 from kds.sync.lifecycle import is_enabled, is_online
 
@@ -100,6 +101,9 @@ def global_insight(
 ) -> dict[str, Any]:
     """The ``GlobalInsight``: counts of zones (and how many are online) and of every type.
 
+    ``meshes.withoutMtlsAcrossZones`` names the meshes used across zones without mTLS
+    (:func:`kds.insights.meshes_without_mtls_across_zones`).
+
     Args:
         resources: every stored resource.
         catalog: the types to count (each appears, with 0 when there is none).
@@ -127,7 +131,11 @@ def global_insight(
             "zoneIngresses": {"total": totals.get("ZoneIngress", 0)},
             "zoneEgresses": {"total": totals.get("ZoneEgress", 0)},
         },
-        "meshes": {"total": totals.get("Mesh", 0)},
+        "meshes": {
+            "total": totals.get("Mesh", 0),
+            # Meshes whose dataplanes run in several zones with mTLS disabled.
+            "withoutMtlsAcrossZones": list(meshes_without_mtls_across_zones(resources)),
+        },
         "resources": {name: {"total": total} for name, total in sorted(totals.items())},
     }
 

@@ -45,7 +45,7 @@ class Route:
     """One endpoint: what the server runs and what the OpenAPI document says of it.
 
     Attributes:
-        method: ``GET``, ``PUT`` or ``DELETE``.
+        method: ``GET``, ``POST``, ``PUT`` or ``DELETE``.
         path: the path template, with ``{mesh}`` and ``{name}`` parameters.
         handler: the aiohttp handler.
         operation_id: the OpenAPI ``operationId`` (unique).

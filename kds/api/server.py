@@ -46,6 +46,7 @@ from kds.api.overviews import (
 from kds.api.problems import Problem, json_response, public_field
 from kds.api.representation import from_json, label_field, to_json, type_path
 from kds.api.routes import Route, page_of
+from kds.api.tokens import token_routes
 from kds.errors import (
     ConflictError,
     NotFoundError,
@@ -64,6 +65,7 @@ from kds.resource import (
 from kds.store import MUST_NOT_EXIST, Change, Cursor, Delete, Tracking, Upsert
 from kds.sync.engines import tracking_origin
 from kds.sync.lifecycle import insight_key, is_online, zone_key
+from kds.sync.rules import INTERNAL_SECRET_PREFIXES
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
@@ -79,6 +81,7 @@ __all__ = [
     "GLOBAL_READ_ONLY_MESSAGE",
     "MAX_BODY_SIZE",
     "READ_ONLY_TYPES",
+    "SECRET_TYPES",
     "ZONE_CONNECTED_MESSAGE",
     "ZONE_READ_ONLY_MESSAGE",
     "ApiServer",
@@ -115,6 +118,25 @@ ZONE_CONNECTED_MESSAGE: Final = (
 
 _SHUTDOWN_TIMEOUT: Final = 5.0  # seconds in-flight requests get to finish on shutdown
 _ZONE_DELETE_ATTEMPTS: Final = 10  # listings to try while the zone's resources change
+
+
+SECRET_TYPES: Final = frozenset({"Secret", "GlobalSecret"})
+"""Types whose reads need what writes need (a loopback client or the admin token)."""
+
+
+def _is_signing_key(key: ResourceKey) -> bool:
+    """A private token-signing key: never served, and kept by ``/tokens/zone/signing-keys``."""
+    return key.type == "GlobalSecret" and key.name.startswith(INTERNAL_SECRET_PREFIXES)
+
+
+def _refuse_signing_key(key: ResourceKey) -> None:
+    if _is_signing_key(key):
+        raise Problem(
+            400,
+            f"{key}: private signing keys are not read or written as resources; rotate and "
+            "remove them through /tokens/zone/signing-keys",
+            [("name", "is the name of a private signing key")],
+        )
 
 
 def is_loopback(host: str | None) -> bool:
@@ -359,6 +381,10 @@ class ApiServer:
                     errors=(503,),
                     media_type="text/html",
                 )
+            )
+        if "GlobalSecret" in self.catalog:  # where signing keys and revocations are kept
+            routes += token_routes(
+                self.store, mode=self.mode, authorize=self._authorize, read_json=self._json_body
             )
         return routes
 
@@ -694,17 +720,25 @@ class ApiServer:
 
     async def _list(self, resource_type: ResourceType, request: web.Request) -> web.StreamResponse:
         page = page_of(request)
+        if resource_type.name in SECRET_TYPES:
+            self._authorize(request)
         mesh = request.match_info.get("mesh")
         if mesh is not None:
             _path_key(ResourceKey(resource_type.name, mesh, "-"))
-        resources = await self.store.list_resources(resource_type.name, mesh=mesh)
+        resources = [
+            resource
+            for resource in await self.store.list_resources(resource_type.name, mesh=mesh)
+            if not _is_signing_key(resource.key)
+        ]
         return json_response(
             page.wrap(request, resources, lambda resource: to_json(resource, self.catalog))
         )
 
     async def _get(self, resource_type: ResourceType, request: web.Request) -> web.StreamResponse:
+        if resource_type.name in SECRET_TYPES:
+            self._authorize(request)
         key = self._item_key(resource_type, request)
-        resource = await self.store.find(key)
+        resource = None if _is_signing_key(key) else await self.store.find(key)
         if resource is None:
             raise Problem(404, _missing(key))
         return json_response(to_json(resource, self.catalog))
@@ -713,6 +747,7 @@ class ApiServer:
         self._authorize(request)
         self._check_writable(resource_type)
         key = self._item_key(resource_type, request)
+        _refuse_signing_key(key)
         document = await self._json_body(request)
         if not isinstance(document, dict):
             raise Problem.invalid("body", f"must be a JSON object, got {_json_kind(document)}")
@@ -749,6 +784,7 @@ class ApiServer:
         self._authorize(request)
         self._check_writable(resource_type)
         key = self._item_key(resource_type, request)
+        _refuse_signing_key(key)
         existing = await self.store.find(key)
         if existing is None:
             raise Problem(404, _missing(key))

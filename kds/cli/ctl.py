@@ -757,7 +757,7 @@ def _resource_table(
 
 @main.group("inspect")
 def inspect() -> None:
-    """Show zones and zone proxies with their connection state."""
+    """Show zones, zone proxies and services with their state."""
 
 
 _ZONE_HEADERS: Final = [
@@ -893,6 +893,85 @@ def _version(version: object) -> object:
         kuma_cp = version.get("kumaCp")
         return kuma_cp.get("version") if isinstance(kuma_cp, dict) else None
     return version
+
+
+# -- inspect services --------------------------------------------------------------------
+
+_SERVICE_STATUS: Final = {
+    "online": "Online",
+    "offline": "Offline",
+    "partially_degraded": "Partially degraded",
+    "not_available": "Not available",
+}
+
+
+@inspect.command("services")
+@click.option(
+    "-m", "--mesh", default="default", show_default=True, help="The mesh whose services to show."
+)
+@click.option("-A", "--all-meshes", is_flag=True, help="Every mesh's services, with a MESH column.")
+@_OUTPUT
+def inspect_services(mesh: str, all_meshes: bool, output: str) -> None:
+    """Show each service's status and how many of its dataplanes are online.
+
+    Like kumactl, the mesh is ``default`` unless -m names another; -A shows them all.
+
+    STATUS is Online (every dataplane online), Offline (none), Partially degraded
+    (some) or Not available (an external service); DATAPLANES is ONLINE/TOTAL. Read
+    from the mesh's all-services-<mesh> ServiceInsight, which the global keeps up
+    to date and sends to every zone. A mesh whose dataplanes run in several zones
+    while its mTLS is disabled gets a warning on stderr: traffic between zones
+    needs mTLS.
+    """
+    # Imported here: only this command needs the insight rules.
+    from kds.insights import mtls_enabled, service_zones
+
+    client = _state().client()
+    mesh_or_all = None if all_meshes else mesh
+    listed = client.service_insights(mesh_or_all).items
+    insights = sorted(listed, key=lambda item: str(item.get("mesh")))
+    meshes = {item.get("name"): item for item in client.list("meshes").items}
+    if mesh_or_all is not None and not insights and mesh_or_all not in meshes:
+        raise click.ClickException(f'Mesh "{mesh_or_all}" not found')
+    if output != "table":
+        _echo_data(ResourceList(len(insights), insights).to_json(), output)
+    else:
+        rows = [
+            [_text(insight.get("mesh")), *row] if all_meshes else row
+            for insight in insights
+            for row in _service_rows(insight)
+        ]
+        headers = ["SERVICE", "STATUS", "DATAPLANES"]
+        click.echo(render_table(["MESH", *headers] if all_meshes else headers, rows), nl=False)
+    for insight in insights:
+        name = insight.get("mesh")
+        zones = service_zones(insight)
+        if len(zones) >= 2 and not mtls_enabled(meshes.get(name)):
+            click.echo(
+                f'WARNING: mesh "{name}" has dataplanes in zones {", ".join(zones)} but mTLS '
+                "is disabled; cross-zone traffic needs mTLS",
+                err=True,
+            )
+
+
+def _service_rows(insight: Mapping[str, Any]) -> list[list[str]]:
+    services = insight.get("services")
+    if not isinstance(services, dict):
+        return []
+    rows = []
+    for name, service in sorted(services.items()):
+        service = service if isinstance(service, dict) else {}
+        status = service.get("status")
+        dataplanes = service.get("dataplanes")
+        dataplanes = dataplanes if isinstance(dataplanes, dict) else {}
+        rows.append(
+            [
+                str(name),
+                _SERVICE_STATUS.get(str(status), _text(status)),
+                f"{_count(dataplanes.get('online'))}/{_count(dataplanes.get('total'))}",
+            ]
+        )
+    return rows
 
 
 # -- apply -------------------------------------------------------------------------------
@@ -1059,3 +1138,150 @@ def delete(type_word: str, name: str, mesh: str | None) -> None:
         raise
     where = f' in mesh "{mesh}"' if mesh is not None else ""
     click.echo(f'deleted {resource_type.name} "{name}"{where}')
+
+
+# -- tokens ------------------------------------------------------------------------------
+
+_VALID_FOR = click.option(
+    "--valid-for",
+    metavar="DURATION",
+    help="How long the token is valid: 720h, 30m, 1h30m, 7d (at most 10 years) [720h].",
+)
+
+
+def _check_valid_for(valid_for: str | None) -> str | None:
+    """Refuse a bad --valid-for before asking the control plane."""
+    if valid_for is None:
+        return None
+    # Imported here: only the token commands need kds.tokens (and its crypto libraries).
+    from kds.tokens import check_validity, parse_duration
+
+    try:
+        check_validity(parse_duration(valid_for))
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="'--valid-for'") from None
+    return valid_for.strip()
+
+
+@main.group("generate")
+def generate() -> None:
+    """Issue zone and dataplane tokens (on the global control plane)."""
+
+
+@generate.command("zone-token")
+@click.option("--zone", required=True, help="The zone the token is for.")
+@click.option(
+    "--scope",
+    "scopes",
+    required=True,
+    multiple=True,
+    type=click.Choice(["cp", "ingress", "egress"]),
+    help="What it allows (repeat for more): cp lets the zone control plane connect to "
+    "the global; ingress and egress let zone proxies register with the zone.",
+)
+@_VALID_FOR
+def generate_zone_token(zone: str, scopes: tuple[str, ...], valid_for: str | None) -> None:
+    """Print a new zone token for the zone --zone names, signed by the global.
+
+    Give a zone control plane a token with scope cp (in the file
+    multizone.zone.kds.cpTokenPath names), and its zone ingress and egress proxies
+    one with scope ingress or egress (kds-dp --dataplane-token-file). For example,
+    'kdsctl generate zone-token --zone zone-1 --scope cp > token' stores the token.
+    """
+    checked = _check_valid_for(valid_for)
+    token = _state().client().generate_zone_token(zone, scopes, valid_for=checked)
+    click.echo(token)
+
+
+@generate.command("dataplane-token")
+@click.option("-m", "--mesh", required=True, help="The mesh whose Dataplanes it may register.")
+@click.option("--name", help="The only Dataplane it may register (any in the mesh without).")
+@_VALID_FOR
+def generate_dataplane_token(mesh: str, name: str | None, valid_for: str | None) -> None:
+    """Print a new dataplane token, signed by the global, for kds-dp --proxy-type=dataplane."""
+    checked = _check_valid_for(valid_for)
+    token = _state().client().generate_dataplane_token(mesh, name, valid_for=checked)
+    click.echo(token)
+
+
+@main.group("rotate")
+def rotate() -> None:
+    """Rotate the global's zone token signing key."""
+
+
+@rotate.command("zone-token-signing-key")
+def rotate_zone_token_signing_key() -> None:
+    """Create a new signing key: it signs every token issued from now on.
+
+    Tokens signed with older keys stay valid until those keys are removed with
+    'kdsctl remove zone-token-signing-key --serial N'.
+    """
+    serial = _state().client().rotate_signing_key()
+    click.echo(f"created zone token signing key {serial}: it signs every token issued from now on")
+
+
+@main.group("remove")
+def remove() -> None:
+    """Remove a zone token signing key from the global."""
+
+
+@remove.command("zone-token-signing-key")
+@click.option("--serial", required=True, type=click.IntRange(min=1), help="The key's serial.")
+def remove_zone_token_signing_key(serial: int) -> None:
+    """Remove signing key SERIAL: every token it signed stops being valid, on every zone."""
+    _state().client().remove_signing_key(serial)
+    click.echo(f"removed zone token signing key {serial}: the tokens it signed are no longer valid")
+
+
+@main.group("revoke")
+def revoke() -> None:
+    """Revoke zone and dataplane tokens: the global and every zone refuse them."""
+
+
+def _revoke(kind: str, ids: tuple[str, ...], token_files: tuple[str, ...]) -> None:
+    from kds.tokens import TokenError, token_id
+
+    every = list(ids)
+    for file_name in token_files:
+        text = _read_source(file_name)
+        try:
+            every.append(token_id(text, kind=kind))
+        except TokenError as error:
+            raise click.ClickException(f"{file_name}: {error}") from None
+    if not every:
+        raise click.UsageError("name the tokens to revoke with --id or --token-file")
+    unique = list(dict.fromkeys(every))
+    _state().client().revoke_tokens(unique)
+    click.echo(f"revoked {len(unique)} {kind} token(s): {', '.join(unique)}")
+
+
+_TOKEN_IDS = click.option(
+    "--id",
+    "ids",
+    multiple=True,
+    metavar="ID",
+    help="A token's id (its jti claim); repeat for more.",
+)
+_TOKEN_FILES = click.option(
+    "--token-file",
+    "token_files",
+    multiple=True,
+    metavar="FILE",
+    help="A file holding the token to revoke (its id is read from it); repeat for more.",
+)
+
+
+@revoke.command("zone-token")
+@_TOKEN_IDS
+@_TOKEN_FILES
+def revoke_zone_token(ids: tuple[str, ...], token_files: tuple[str, ...]) -> None:
+    """Revoke zone tokens: zones and proxies presenting them are refused from now on."""
+    _revoke("zone", ids, token_files)
+
+
+@revoke.command("dataplane-token")
+@_TOKEN_IDS
+@_TOKEN_FILES
+def revoke_dataplane_token(ids: tuple[str, ...], token_files: tuple[str, ...]) -> None:
+    """Revoke dataplane tokens: proxies presenting them are refused from now on."""
+    _revoke("dataplane", ids, token_files)

@@ -62,6 +62,8 @@ def _broken_validator(spec: Mapping[str, Any]) -> None:
     raise RuntimeError("internal detail that must not leak")
 
 
+HOUR = timedelta(hours=1)
+
 CATALOG = DEFAULT_CATALOG.with_types(
     # A custom global-scoped type with its spec under "spec" (none of Kuma's is).
     ResourceType(name="AuditPolicy", scope=Scope.GLOBAL, flags=SyncFlag.GLOBAL_TO_ZONES),
@@ -614,6 +616,29 @@ async def test_writes_from_other_hosts_need_the_admin_token(tmp_path):
     assert len(peers) == 8
 
 
+async def test_secrets_are_read_like_they_are_written_and_signing_keys_never(tmp_path):
+    from kds.tokens import issue_zone_token
+
+    async with serving(tmp_path, admin_token=TOKEN, is_local=remote) as plane:
+        await issue_zone_token(plane.store, zone="zone-1", scopes={"cp"}, valid_for=HOUR)
+        stored = {r.key.name for r in await plane.store.list_resources("GlobalSecret")}
+        assert "zone-token-signing-key-1" in stored
+        for path in ("/global-secrets", "/global-secrets/zone-token-signing-public-key-1"):
+            check_error(await plane.client.get(path), 403)
+        authorized = {"Authorization": f"Bearer {TOKEN}"}
+        listed = (await plane.client.get("/global-secrets", headers=authorized)).json()
+        names = {item["name"] for item in listed["items"]}
+        assert "zone-token-signing-public-key-1" in names
+        assert not any(name.startswith("zone-token-signing-key") for name in names)
+        path = "/global-secrets/zone-token-signing-key-1"
+        check_error(await plane.client.get(path, headers=authorized), 404)
+        document = {"type": "GlobalSecret", "name": "zone-token-signing-key-1", "data": "eA=="}
+        head = await plane.store.head()
+        check_error(await put(plane, path, document, headers=authorized), 400)
+        check_error(await plane.client.delete(path, headers=authorized), 400)
+        assert await plane.store.head() == head
+
+
 async def test_without_a_token_only_loopback_clients_write(tmp_path):
     async with serving(tmp_path, is_local=remote) as plane:
         error = check_error(await put(plane, "/meshes/m", {"type": "Mesh", "name": "m"}), 403)
@@ -753,7 +778,7 @@ async def test_global_insight_counts(tmp_path):
             "zoneIngresses": {"total": 1},
             "zoneEgresses": {"total": 0},
         }
-        assert insight["meshes"] == {"total": 2}
+        assert insight["meshes"] == {"total": 2, "withoutMtlsAcrossZones": []}
         assert insight["resources"]["MeshTimeout"] == {"total": 1}
         assert insight["resources"]["MeshRetry"] == {"total": 0}
         assert set(insight["resources"]) == set(CATALOG.names())
