@@ -3,13 +3,14 @@
 #
 # Starts `kds-cp run` three times (SQLite stores in a temporary directory, zones dialling
 # the global over gRPC with TLS and skip-verify, as the multi-zone guide's universal
-# steps do), applies a Mesh and a MeshTimeout on the global with kdsctl, registers a
+# steps do, each with a zone token the global issued), applies a Mesh and a MeshTimeout on the global with kdsctl, registers a
 # Dataplane in each zone, and prints `kdsctl inspect zones` once both zones are Online.
 # Everything it started is stopped when it exits.
 #
 # Run (after the README's install, in its virtualenv):  bash examples/quickstart.sh
 # Ports: QUICKSTART_PORT_BASE (default 5681) + 0 global API, + 4 global KDS,
-# + 10000 zone-1 API, + 20000 zone-2 API. QUICKSTART_KEEP=1 keeps the work directory.
+# + 10000 zone-1 API, + 9997 its dataplane server, + 20000 zone-2 API, + 19997 its
+# dataplane server. QUICKSTART_KEEP=1 keeps the work directory.
 # (These are not KDS_* names because kds-cp refuses KDS_* variables it does not know.)
 set -euo pipefail
 
@@ -62,20 +63,26 @@ KDS_API_PORT=$global_api \
     kds-cp run >"$work/global.log" 2>&1 &
 pids+=($!)
 
+eventually kdsctl config control-planes add --name global --address "http://127.0.0.1:$global_api"
+
 for zone in 1 2; do
     echo "==> zone-$zone control plane (API :$((global_api + zone * 10000)))"
+    # The global admits a zone only with a cp-scoped zone token that it issued.
+    kdsctl generate zone-token --zone zone-$zone --scope cp >"$work/zone-$zone.token"
     KUMA_MODE=zone \
     KUMA_ENVIRONMENT=universal \
     KUMA_MULTIZONE_ZONE_NAME=zone-$zone \
     KUMA_MULTIZONE_ZONE_GLOBAL_ADDRESS=grpcs://127.0.0.1:$global_kds \
     KUMA_MULTIZONE_ZONE_KDS_TLS_SKIP_VERIFY=true \
     KUMA_GENERAL_WORK_DIR="$work/zone-$zone" \
+    KDS_MULTIZONE_ZONE_KDS_CP_TOKEN_PATH="$work/zone-$zone.token" \
     KDS_API_PORT=$((global_api + zone * 10000)) \
+    KDS_DP_SERVER_ADDRESS=127.0.0.1 \
+    KDS_DP_SERVER_PORT=$((global_api + zone * 10000 - 3)) \
         kds-cp run >"$work/zone-$zone.log" 2>&1 &
     pids+=($!)
 done
 
-eventually kdsctl config control-planes add --name global --address "http://127.0.0.1:$global_api"
 for zone in 1 2; do
     eventually kdsctl config control-planes add --name zone-$zone \
         --address "http://127.0.0.1:$((global_api + zone * 10000))"

@@ -3,9 +3,13 @@
 :class:`ControlPlane` assembles them from a :class:`~kds.config.KdsConfig`:
 
 - **global** (``mode: global``): the store, a :class:`~kds.sync.GlobalEngine` serving zones
-  on the KDS transport (gRPC's ``grpcs://0.0.0.0:5685`` by default, or NATS), and the API;
+  on the KDS transport (gRPC's ``grpcs://0.0.0.0:5685`` by default, or NATS) and admitting
+  only zones with a ``cp`` zone token (unless ``zoneAuth: none``), the ServiceInsight
+  reconciler, and the API;
 - **zone** (``mode: zone``): the store, a :class:`~kds.sync.ZoneEngine` dialling the global
-  (and reconnecting for as long as it runs), and the API.
+  with its zone token (and reconnecting for as long as it runs), the dataplane server
+  where ``kds-dp`` registers proxies (``https://0.0.0.0:5678``), the reconciler of its
+  ZoneIngresses' ``availableServices``, and the API.
 
 The API accepts writes from loopback clients, and from others only with the admin token
 that :func:`admin_token` keeps in ``<workDir>/admin-token`` (created on first start,
@@ -35,11 +39,16 @@ from kds.config import (
     render_yaml,
     sync_options,
     work_dir,
+    zone_token,
 )
 from kds.errors import ConfigError
+from kds.insights import AvailableServices, ServiceInsights
 from kds.sync import GlobalEngine, ZoneEngine
+from kds.sync.engines import default_authenticator
+from kds.tokens import TokenVerifier, zone_authenticator
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine
     from pathlib import Path
 
     from anyio.abc import TaskGroup, TaskStatus
@@ -97,6 +106,8 @@ class Endpoints:
 
     api: str
     kds: str
+    dp: str | None = None
+    """The dataplane server's URL (a zone's); ``None`` on a global."""
 
 
 class ControlPlane:
@@ -146,11 +157,13 @@ class ControlPlane:
         token = admin_token(work_dir(config))
         transport = self._transport()
         store = create_store(config, catalog=self.catalog)
+        dp_url: str | None = None
         async with store, anyio.create_task_group() as group:
             if config.mode == "global":
                 self._kds_address = await self._start_global(store, transport, group)
             else:
                 self._kds_address = self._start_zone(store, transport, group)
+                dp_url = await self._start_dataplane_server(store, group)
             api = ApiServer(
                 store,
                 mode=config.mode,
@@ -162,51 +175,101 @@ class ControlPlane:
                 ready=self._ready,
                 instance_id=self.instance_id,
             )
-            try:
-                api_url = await group.start(api.serve, config.api.address, config.api.port)
-            except OSError as exc:  # the port is taken, the address is not ours, ...
-                raise ConfigError(
-                    f"api: cannot listen on {config.api.address}:{config.api.port}: "
-                    f"{exc.strerror or exc}"
-                ) from exc
-            endpoints = Endpoints(api=api_url, kds=self._kds_address)
+            api_url = await _listen(group, api.serve, "api", config.api.address, config.api.port)
+            endpoints = Endpoints(api=api_url, kds=self._kds_address, dp=dp_url)
             logger.info(
-                "%s control plane %s started on a %s store: API %s, KDS %s",
+                "%s control plane %s started on a %s store: API %s, KDS %s%s",
                 config.mode,
                 self.instance_id,
                 config.store.type,
                 endpoints.api,
                 endpoints.kds,
+                f", dataplane server {dp_url}" if dp_url else "",
             )
             task_status.started(endpoints)
 
     async def _start_global(self, store: Store, transport: Transport, group: TaskGroup) -> str:
+        if self.config.multizone.global_.kds.zone_auth == "zoneToken":
+            authenticate = zone_authenticator(store)
+        else:
+            logger.warning(
+                "multizone.global.kds.zoneAuth is none: any zone that reaches the KDS "
+                "server is admitted under the name it claims"
+            )
+            authenticate = default_authenticator
         engine = GlobalEngine(
             store,
             transport,
             options=sync_options(self.config),
             catalog=self.catalog,
+            authenticate=authenticate,
             instance_id=self.instance_id,
         )
         self.global_engine = engine
         address: str = await group.start(engine.run)
+        # A dataplane counts as online while its heartbeats arrive (they replicate up).
+        insights = ServiceInsights(store, liveness=self.config.dp_server.heartbeat_timeout)
+        await group.start(insights.run)
         return address
 
     def _start_zone(self, store: Store, transport: Transport, group: TaskGroup) -> str:
         zone = self.config.multizone.zone
+        credentials = zone_token(self.config)
+        if credentials is None:
+            logger.warning(
+                "no zone token (multizone.zone.kds.cpTokenPath): a global that requires "
+                "zone tokens (the default) will refuse this zone; generate one on the "
+                "global with `kdsctl generate zone-token --zone %s --scope cp`",
+                zone.name,
+            )
         engine = ZoneEngine(
             store,
             transport,
             zone=zone.name,
+            credentials=credentials,
             options=sync_options(self.config),
             catalog=self.catalog,
             instance_id=self.instance_id,
         )
         self.zone_engine = engine
         group.start_soon(engine.run)
+        group.start_soon(AvailableServices(store).run)
         if self.config.multizone.transport == "nats":
             return self.config.multizone.nats.url
         return zone.global_address
+
+    async def _start_dataplane_server(self, store: Store, group: TaskGroup) -> str:
+        from kds.dpserver import DataplaneServer
+
+        settings = self.config.dp_server
+        server = DataplaneServer(
+            store,
+            zone=self.config.multizone.zone.name,
+            verifier=TokenVerifier(store),
+            work_dir=work_dir(self.config),
+            cert_file=settings.tls_cert_file or None,
+            key_file=settings.tls_key_file or None,
+            heartbeat_timeout=settings.heartbeat_timeout,
+            catalog=self.catalog,
+            instance_id=self.instance_id,
+        )
+        return await _listen(group, server.serve, "dpServer", settings.address, settings.port)
+
+
+async def _listen(
+    group: TaskGroup,
+    serve: Callable[..., Coroutine[Any, Any, None]],
+    section: str,
+    host: str,
+    port: int,
+) -> str:
+    """Start the server *serve* on *host*:*port*; its URL. *section* names its settings."""
+    try:
+        url: str = await group.start(serve, host, port)
+    except OSError as exc:  # the port is taken, the address is not ours, ...
+        problem = exc.strerror or exc
+        raise ConfigError(f"{section}: cannot listen on {host}:{port}: {problem}") from exc
+    return url
 
 
 def _shown_config(config: KdsConfig) -> dict[str, Any]:

@@ -93,14 +93,23 @@ def deployment(tmp_path):
                 "KUMA_MULTIZONE_ZONE_NAME": zone,
                 "KUMA_MULTIZONE_ZONE_GLOBAL_ADDRESS": f"grpcs://127.0.0.1:{kds_port}",
                 "KUMA_MULTIZONE_ZONE_KDS_TLS_SKIP_VERIFY": "true",
+                "KDS_DP_SERVER_ADDRESS": "127.0.0.1",
+                "KDS_DP_SERVER_PORT": str(free_port()),
             },
         )
         for zone in ("zone-1", "zone-2")
     ]
     planes = [global_, *zones]
     try:
-        for plane in planes:
-            plane.start()
+        global_.start()
+        for zone in zones:
+            # Zones authenticate with a cp-scoped zone token, which the global issues.
+            issued = httpx.post(
+                f"{global_.api}/tokens/zone", json={"zone": zone.name, "scope": ["cp"]}, timeout=10
+            )
+            assert issued.status_code == 200, issued.text
+            zone.env["KDS_MULTIZONE_ZONE_KDS_CP_TOKEN"] = issued.text
+            zone.start()
         yield global_, zones
     finally:
         for plane in planes:
@@ -231,7 +240,7 @@ def test_with_no_configuration_a_global_keeps_its_resources_in_sqlite_in_its_wor
 
 
 def _free_port_base() -> int:
-    """A port P with P, P+4, P+10000 and P+20000 free (the quickstart's layout)."""
+    """A port P with P, P+4, P+9997, P+10000, P+19997 and P+20000 free (the quickstart)."""
     import socket
 
     for _ in range(100):
@@ -240,7 +249,7 @@ def _free_port_base() -> int:
             continue
         sockets = []
         try:
-            for offset in (0, 4, 10000, 20000):
+            for offset in (0, 4, 9997, 10000, 19997, 20000):
                 sock = socket.socket()
                 sockets.append(sock)
                 sock.bind(("127.0.0.1", base + offset))

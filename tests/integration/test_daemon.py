@@ -114,9 +114,14 @@ async def test_global_and_zone_in_process_replicate_and_report_status(tmp_path):
         }
     )
     global_plane = ControlPlane(global_config)
-    async with anyio.create_task_group() as group:
+    async with anyio.create_task_group() as group, httpx.AsyncClient(timeout=5) as client:
         global_endpoints = await group.start(global_plane.run)
         assert global_endpoints.kds.startswith("grpcs://127.0.0.1:")
+        assert global_endpoints.dp is None
+        issued = await client.post(
+            global_endpoints.api + "/tokens/zone", json={"zone": "zone-1", "scope": ["cp"]}
+        )
+        assert issued.status_code == 200, issued.text
         zone_config = load_config(
             {
                 **common,
@@ -125,28 +130,74 @@ async def test_global_and_zone_in_process_replicate_and_report_status(tmp_path):
                 "KDS_MULTIZONE_ZONE_NAME": "zone-1",
                 "KDS_MULTIZONE_ZONE_GLOBAL_ADDRESS": global_endpoints.kds,
                 "KDS_MULTIZONE_ZONE_KDS_TLS_SKIP_VERIFY": "true",
+                "KDS_MULTIZONE_ZONE_KDS_CP_TOKEN": issued.text,
+                "KDS_DP_SERVER_ADDRESS": "127.0.0.1",
+                "KDS_DP_SERVER_PORT": "0",
             }
         )
         zone_plane = ControlPlane(zone_config)
         zone_endpoints = await group.start(zone_plane.run)
-        async with httpx.AsyncClient(timeout=5) as client:
-            index = (await client.get(zone_endpoints.api + "/")).json()
-            assert (index["mode"], index["zone"]) == ("zone", "zone-1")
-            response = await client.put(
-                global_endpoints.api + "/meshes/default", json={"type": "Mesh", "name": "default"}
+        assert zone_endpoints.dp is not None
+        assert zone_endpoints.dp.startswith("https://127.0.0.1:")
+        index = (await client.get(zone_endpoints.api + "/")).json()
+        assert (index["mode"], index["zone"]) == ("zone", "zone-1")
+        response = await client.put(
+            global_endpoints.api + "/meshes/default", json={"type": "Mesh", "name": "default"}
+        )
+        assert response.status_code == 201, response.text
+        with anyio.fail_after(30):
+            while True:
+                statuses = (await client.get(global_endpoints.api + "/status/zones")).json()
+                meshes = (await client.get(zone_endpoints.api + "/meshes")).json()
+                if statuses == [{"name": "zone-1", "active": True}] and meshes["total"] == 1:
+                    break
+                await anyio.sleep(0.05)
+        shown = (await client.get(global_endpoints.api + "/config")).json()
+        assert shown["mode"] == "global"
+        shown = (await client.get(zone_endpoints.api + "/config")).json()
+        assert shown["multizone"]["zone"]["kds"]["cpToken"] == "****"
+        overview = (await client.get(global_endpoints.api + "/zones/zone-1/_overview")).json()
+        subscription = overview["zoneInsight"]["subscriptions"][-1]
+        assert subscription["backend"] == "memory"
+        assert subscription["zoneInstanceId"] == zone_plane.instance_id
+        group.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_global_refuses_a_zone_without_a_token_by_default(tmp_path):
+    common = {"KDS_STORE_TYPE": "memory", "KDS_API_PORT": "0", "KDS_SYNC_RECONNECT_MAX": "0.5"}
+    global_plane = ControlPlane(
+        load_config(
+            {
+                **common,
+                "KDS_GENERAL_WORK_DIR": str(tmp_path / "global"),
+                "KDS_MULTIZONE_GLOBAL_KDS_ADDRESS": "127.0.0.1",
+                "KDS_MULTIZONE_GLOBAL_KDS_GRPC_PORT": "0",
+            }
+        )
+    )
+    async with anyio.create_task_group() as group:
+        endpoints = await group.start(global_plane.run)
+        zone_plane = ControlPlane(
+            load_config(
+                {
+                    **common,
+                    "KDS_MODE": "zone",
+                    "KDS_GENERAL_WORK_DIR": str(tmp_path / "zone"),
+                    "KDS_MULTIZONE_ZONE_NAME": "zone-1",
+                    "KDS_MULTIZONE_ZONE_GLOBAL_ADDRESS": endpoints.kds,
+                    "KDS_MULTIZONE_ZONE_KDS_TLS_SKIP_VERIFY": "true",
+                    "KDS_DP_SERVER_ADDRESS": "127.0.0.1",
+                    "KDS_DP_SERVER_PORT": "0",
+                }
             )
-            assert response.status_code == 201, response.text
-            with anyio.fail_after(30):
-                while True:
-                    statuses = (await client.get(global_endpoints.api + "/status/zones")).json()
-                    meshes = (await client.get(zone_endpoints.api + "/meshes")).json()
-                    if statuses == [{"name": "zone-1", "active": True}] and meshes["total"] == 1:
-                        break
-                    await anyio.sleep(0.05)
-            shown = (await client.get(global_endpoints.api + "/config")).json()
-            assert shown["mode"] == "global"
-            overview = (await client.get(global_endpoints.api + "/zones/zone-1/_overview")).json()
-            subscription = overview["zoneInsight"]["subscriptions"][-1]
-            assert subscription["backend"] == "memory"
-            assert subscription["zoneInstanceId"] == zone_plane.instance_id
+        )
+        await group.start(zone_plane.run)
+        assert global_plane.global_engine is not None
+        assert zone_plane.zone_engine is not None
+        with anyio.fail_after(30):
+            while global_plane.global_engine.refusals < 2:  # noqa: ASYNC110 -- a counter, polled
+                await anyio.sleep(0.05)
+        assert "token" in (zone_plane.zone_engine.last_error or "")
+        assert global_plane.global_engine.connected_zones == []
         group.cancel_scope.cancel()
