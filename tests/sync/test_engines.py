@@ -505,6 +505,10 @@ async def test_disabling_a_zone_ends_its_session_and_removes_its_ingress_elsewhe
         await global_store.commit([Upsert(key=zone_key("zone-1"), spec={"enabled": True})])
         await wait_for(lambda: "zone-1" in engine.connected_zones, "zone-1 back")
         await wait_for(lambda: _has(zone2, "ZoneIngress", copy), "zi-1 back in zone-2")
+        # Enabled again, zone-1 resumed from its cursors: no snapshot either way
+        # beyond its very first session's.
+        assert first.current_stats.resets_received == 1
+        assert first.current_stats.resets_sent <= 1
 
 
 async def _has(store: Store, type_name: str, name: str) -> bool:
