@@ -47,7 +47,7 @@ import anyio
 from aiohttp import web
 
 import kds
-from kds.api.problems import Problem, json_response
+from kds.api.problems import Problem, json_response, store_unavailable, unexpected_failure
 from kds.api.representation import label_field
 from kds.dp import PROXY_KINDS, ProxyKind, proxy_kind, read_proxy_document
 from kds.errors import (
@@ -640,23 +640,9 @@ class DataplaneServer:
             except web.HTTPException as exc:
                 return _http_problem(request, exc).response()
             except (StoreUnavailableError, StoreClosedError) as exc:
-                logger.warning(
-                    "%s %s: the store is unavailable: %s", request.method, request.path, exc
-                )
-                return Problem(503, "the store is unavailable; retry later").response()
+                return store_unavailable(request, exc)
             except Exception:
-                error_id = uuid.uuid4().hex[:12]
-                logger.exception(
-                    "%s %s failed with an unexpected error (error id %s)",
-                    request.method,
-                    request.path,
-                    error_id,
-                )
-                return Problem(
-                    500,
-                    "the control plane could not handle this request; its log has the "
-                    f"details under error id {error_id}",
-                ).response()
+                return unexpected_failure(request)
 
         return errors
 

@@ -14,7 +14,9 @@ store raises and aiohttp's own HTTP errors into such a document. Anything else i
 from __future__ import annotations
 
 import json
+import logging
 import re
+import uuid
 from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
@@ -29,9 +31,14 @@ __all__ = [
     "TITLES",
     "Problem",
     "dumps",
+    "json_kind",
     "json_response",
     "public_field",
+    "store_unavailable",
+    "unexpected_failure",
 ]
+
+logger = logging.getLogger(__name__)
 
 ERROR_TYPE: Final = "/std-errors"
 """The ``type`` of every error document (Kuma's)."""
@@ -118,3 +125,43 @@ class Problem(Exception):
     def response(self) -> web.Response:
         """The error document as a response."""
         return json_response(self.document(), status=self.status)
+
+
+def json_kind(value: object) -> str:
+    """What a decoded JSON value is, for messages: ``a list``, ``an object``, ``null``..."""
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "null"
+
+
+def store_unavailable(request: web.BaseRequest, error: Exception) -> web.Response:
+    """503 for a request the store could not serve (it is down or closing); logged."""
+    logger.warning("%s %s: the store is unavailable: %s", request.method, request.path, error)
+    return Problem(503, "the store is unavailable; retry later").response()
+
+
+def unexpected_failure(request: web.BaseRequest) -> web.Response:
+    """500 for an unexpected exception (being handled): nothing of the cause is said.
+
+    The traceback is logged with an id the answer quotes, to find it by.
+    """
+    error_id = uuid.uuid4().hex[:12]
+    logger.exception(
+        "%s %s failed with an unexpected error (error id %s)",
+        request.method,
+        request.path,
+        error_id,
+    )
+    return Problem(
+        500,
+        "the control plane could not handle this request; its log has the details under "
+        f"error id {error_id}",
+    ).response()

@@ -43,7 +43,14 @@ from kds.api.overviews import (
     proxy_overview,
     zone_overview,
 )
-from kds.api.problems import Problem, json_response, public_field
+from kds.api.problems import (
+    Problem,
+    json_kind,
+    json_response,
+    public_field,
+    store_unavailable,
+    unexpected_failure,
+)
 from kds.api.representation import from_json, label_field, to_json, type_path
 from kds.api.routes import Route, page_of
 from kds.api.tokens import token_routes
@@ -578,24 +585,9 @@ class ApiServer:
                     409, f"{exc}: it changed while this request ran; read it again and retry"
                 ).response()
             except (StoreUnavailableError, StoreClosedError) as exc:
-                logger.warning(
-                    "%s %s: the store is unavailable: %s", request.method, request.path, exc
-                )
-                return Problem(503, "the store is unavailable; retry later").response()
+                return store_unavailable(request, exc)
             except Exception:
-                # Unexpected: say nothing of the cause, log it with an id to find it by.
-                error_id = uuid.uuid4().hex[:12]
-                logger.exception(
-                    "%s %s failed with an unexpected error (error id %s)",
-                    request.method,
-                    request.path,
-                    error_id,
-                )
-                return Problem(
-                    500,
-                    "the control plane could not handle this request; its log has the "
-                    f"details under error id {error_id}",
-                ).response()
+                return unexpected_failure(request)
 
         return errors
 
@@ -750,7 +742,7 @@ class ApiServer:
         _refuse_signing_key(key)
         document = await self._json_body(request)
         if not isinstance(document, dict):
-            raise Problem.invalid("body", f"must be a JSON object, got {_json_kind(document)}")
+            raise Problem.invalid("body", f"must be a JSON object, got {json_kind(document)}")
         given_type = document.get("type")
         if isinstance(given_type, str) and given_type != resource_type.name:
             raise Problem.invalid(
@@ -989,18 +981,6 @@ def _path_key(key: ResourceKey) -> ResourceKey:
 def _missing(key: ResourceKey) -> str:
     where = f" in mesh {key.mesh!r}" if key.mesh is not None else ""
     return f"{key.type} {key.name!r} was not found{where}"
-
-
-def _json_kind(value: object) -> str:
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    return "null"
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

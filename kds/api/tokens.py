@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 from aiohttp import web
 
 from kds import tokens
-from kds.api.problems import Problem, json_response
+from kds.api.problems import Problem, json_kind, json_response
 from kds.api.routes import Route
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ class _TokenEndpoints:
         zone = _checked("zone", tokens.check_zone, body["zone"])
         scope = body["scope"]
         if not isinstance(scope, list):
-            raise Problem.invalid("scope", f"must be a list of scopes, got {_kind(scope)}")
+            raise Problem.invalid("scope", f"must be a list of scopes, got {json_kind(scope)}")
         scopes = _checked("scope", tokens.check_scopes, scope)
         valid_for = _valid_for(body)
         try:
@@ -256,7 +256,7 @@ class _TokenEndpoints:
         body = await self._body(request, required=("ids",), optional=())
         ids = body["ids"]
         if not isinstance(ids, list):
-            raise Problem.invalid("ids", f"must be a list of token ids, got {_kind(ids)}")
+            raise Problem.invalid("ids", f"must be a list of token ids, got {json_kind(ids)}")
         if not ids:
             raise Problem.invalid("ids", "must name at least one token id")
         if len(ids) > _MAX_IDS:
@@ -270,7 +270,7 @@ class _TokenEndpoints:
     ) -> Mapping[str, Any]:
         body = await self.read_json(request)
         if not isinstance(body, dict):
-            raise Problem.invalid("body", f"must be a JSON object, got {_kind(body)}")
+            raise Problem.invalid("body", f"must be a JSON object, got {json_kind(body)}")
         known = (*required, *optional)
         for field in body:
             if field not in known:
@@ -286,7 +286,7 @@ def _valid_for(body: Mapping[str, Any]) -> timedelta:
     if text is None:
         return tokens.DEFAULT_VALIDITY
     if not isinstance(text, str):
-        raise Problem.invalid("validFor", f"must be a duration such as 720h, got {_kind(text)}")
+        raise Problem.invalid("validFor", f"must be a duration such as 720h, got {json_kind(text)}")
     valid_for: timedelta = _checked("validFor", tokens.parse_duration, text)
     _checked("validFor", tokens.check_validity, valid_for)
     return valid_for
@@ -298,17 +298,3 @@ def _checked(field: str, check: Callable[[Any], Any], value: object) -> Any:
         return check(value)
     except ValueError as exc:
         raise Problem.invalid(field, str(exc)) from None
-
-
-def _kind(value: object) -> str:
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    return "null"

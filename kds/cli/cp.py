@@ -23,13 +23,13 @@ import importlib
 import json
 import logging
 import os
-import signal
 import sys
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 import click
 
+from kds.cli._signals import run_until_signal
 from kds.config import KdsConfig, load_config, postgres_settings, render_docs, render_yaml
 from kds.errors import ConfigError, KdsError, StoreUnavailableError
 
@@ -43,7 +43,6 @@ __all__ = ["config_option", "load_cli_config", "main"]
 
 _EXIT_UNAVAILABLE = 1
 _EXIT_CONFIG = 2
-_EXIT_FORCED = 130  # a second signal: shutting down took too long for the operator
 
 logger = logging.getLogger("kds.cp")
 
@@ -253,25 +252,10 @@ def _configure_logging(config: KdsConfig) -> None:
     logging.basicConfig(level=config.log.level.upper(), handlers=[handler], force=True)
 
 
-async def _stop_on_signal(scope: anyio.CancelScope) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for number in signals:
-            if scope.cancel_called:
-                logger.warning("%s again: exiting now", signal.Signals(number).name)
-                os._exit(_EXIT_FORCED)
-            logger.info("%s: shutting down", signal.Signals(number).name)
-            scope.cancel()
-
-
 async def _run_until_signal(config: KdsConfig) -> None:
     from kds.daemon import ControlPlane
 
-    plane = ControlPlane(config)
-    async with anyio.create_task_group() as group:
-        with anyio.CancelScope() as scope:
-            group.start_soon(_stop_on_signal, scope)
-            await plane.run()
-        group.cancel_scope.cancel()  # the signal watcher
+    await run_until_signal(ControlPlane(config).run, logger)
     logger.info("stopped")
 
 

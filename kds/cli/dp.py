@@ -16,8 +16,6 @@ backoff, logging each attempt. Errors are one line on stderr starting
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, NoReturn
@@ -26,6 +24,7 @@ import anyio
 import click
 
 import kds
+from kds.cli._signals import run_until_signal
 from kds.dp import (
     DEFAULT_PORT,
     PROXY_KINDS,
@@ -47,7 +46,6 @@ logger = logging.getLogger("kds.dp.cli")
 
 _EXIT_REFUSED: Final = 1
 _EXIT_USAGE: Final = 2
-_EXIT_FORCED: Final = 130  # a second signal: the goodbye took too long for the operator
 _CA_HINT: Final = (
     "; pass the certificate of the CA that signed it with --ca-cert-file (a zone control "
     "plane's generated certificate is <workDir>/kds-cp.crt on its host)"
@@ -213,25 +211,6 @@ def _token(path: str | None, inline: str | None) -> str:
 
 async def _run_until_signal(agent: ProxyAgent) -> None:
     """Run *agent* until a signal (then it says goodbye) or until it is refused."""
-    failure: DataplaneError | None = None
-    async with agent.client, anyio.create_task_group() as group:
-        with anyio.CancelScope() as scope:
-            group.start_soon(_stop_on_signal, scope)
-            try:
-                await agent.run()
-            except DataplaneError as exc:
-                failure = exc
-        group.cancel_scope.cancel()  # the signal watcher
-    if failure is not None:
-        raise failure
+    async with agent.client:
+        await run_until_signal(agent.run, logger)
     logger.info("stopped")
-
-
-async def _stop_on_signal(scope: anyio.CancelScope) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for number in signals:
-            if scope.cancel_called:
-                logger.warning("%s again: exiting now", signal.Signals(number).name)
-                os._exit(_EXIT_FORCED)
-            logger.info("%s: stopping", signal.Signals(number).name)
-            scope.cancel()
