@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias, get_args, get_
 import attrs
 import yaml
 
+from kds._yaml import StrictLoader
 from kds.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -677,37 +678,6 @@ def _parse(setting: Setting, value: object, where: str) -> object:
 # -- the YAML file -------------------------------------------------------------------
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """YAML 1.2's booleans only (``true``/``false``), and no duplicate keys.
-
-    PyYAML follows YAML 1.1, where ``yes``, ``no``, ``on`` and ``off`` are booleans:
-    ``name: no`` would be ``False``. Here they stay strings, which the strict parser
-    then accepts or refuses like any other value.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[object] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_StrictLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool",
-    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-    list("tTfF"),
-)
-
-
 class _Dumper(yaml.SafeDumper):
     """Writes strings with YAML line breaks (NEL, LS, PS) double-quoted, as escapes.
 
@@ -731,7 +701,7 @@ def _read_yaml(path: Path) -> object:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"config file {path}: cannot be read: {reason}") from exc
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 -- a SafeLoader subclass
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 -- a SafeLoader subclass
     except yaml.MarkedYAMLError as exc:
         # Not str(exc): it quotes the offending line, which may hold a password.
         mark = exc.problem_mark or exc.context_mark

@@ -45,6 +45,7 @@ import httpx
 import yaml
 
 import kds
+from kds._yaml import DocumentLoader
 from kds.api.representation import from_json
 from kds.catalog import DEFAULT_CATALOG
 from kds.errors import ConfigError, KdsError, ValidationError
@@ -252,7 +253,7 @@ def load_proxy_file(
     except UnicodeDecodeError as exc:
         raise ProxyFileError(shown, None, f"is not UTF-8 text ({exc.reason})") from None
     try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+        documents = [d for d in yaml.load_all(text, Loader=DocumentLoader) if d is not None]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import tempfile
 from datetime import UTC, datetime, timedelta
@@ -38,6 +37,7 @@ import attrs
 import click
 import yaml
 
+from kds._yaml import DocumentLoader
 from kds.client import (
     DEFAULT_ADDRESS,
     ApiError,
@@ -217,7 +217,7 @@ def load_ctl_config(path: Path) -> CtlConfig:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         raise ConfigError(f"config file {path}: cannot be read: {reason}") from None
     try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
+        data = yaml.load(text, Loader=DocumentLoader)  # noqa: S506 -- a SafeLoader subclass
     except yaml.YAMLError as error:
         raise ConfigError(f"config file {path}: invalid YAML{_yaml_problem(error)}") from None
     return _parse_config(data, f"config file {path}")
@@ -348,42 +348,6 @@ def _read_token(file_name: str) -> str:
 
 
 # -- YAML --------------------------------------------------------------------------------
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML as the API's JSON sees it: YAML 1.2 booleans, timestamps as text, unique keys.
-
-    PyYAML follows YAML 1.1, where ``no`` and ``on`` are booleans and ``2024-01-01`` is a
-    date: ``name: no`` would be ``False`` and a date cannot be sent as JSON. Here they
-    stay strings, as kumactl sends them; a key given twice is an error, not a silent
-    overwrite.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[object] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [
-        (tag, regexp)
-        for tag, regexp in resolvers
-        if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")
-    ]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool",
-    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-    list("tTfF"),
-)
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
@@ -1060,7 +1024,7 @@ def _read_documents(text: str, source: str) -> list[tuple[int, Any]]:
     documents: list[tuple[int, Any]] = []
     number = 1
     try:
-        for document in yaml.load_all(text, Loader=_Loader):
+        for document in yaml.load_all(text, Loader=DocumentLoader):
             if document is not None:  # an empty document (a stray ---) holds nothing
                 documents.append((number, document))
             number += 1
