@@ -151,6 +151,27 @@ def _abandon(client: Client) -> None:
             writer.transport.abort()  # type: ignore[union-attr]
 
 
+class _Client(Client):
+    """nats-py's client, with one way of losing the connection finished properly.
+
+    When the connection fails while messages are still queued, nats-py (2.16) writes
+    them out as it closes, and that write's error (the same reset) escapes its
+    reading task: the client then never finishes closing, never calls ``closed_cb``
+    (so sessions would only notice through their keepalive), and asyncio reports a
+    task exception nobody retrieved. Here that error is caught, the queued messages
+    are dropped -- the connection they were for is gone -- and the close completes.
+    """
+
+    async def _process_op_err(self, e: Exception) -> None:
+        try:
+            await super()._process_op_err(e)
+        except OSError:
+            self._pending = []
+            self._pending_data_size = 0
+            self._status = Client.DISCONNECTED  # so that closing runs again, to the end
+            await self._close(Client.CLOSED, True)
+
+
 class Connection:
     """A nats-py client and the sessions riding on it.
 
@@ -218,7 +239,7 @@ class Connection:
         # keepalive messages): a server that stops answering closes it, in about
         # keepalive_interval + keepalive_timeout.
         ping_interval = max(1, math.ceil(settings.keepalive_interval))
-        client = Client()
+        client = _Client()
         connection = cls(client, url)
         try:
             with anyio.fail_after(settings.connect_timeout):
