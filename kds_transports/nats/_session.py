@@ -84,11 +84,12 @@ class _Inbox:
     def __init__(self) -> None:
         self._frames: deque[tuple[bytes, int]] = deque()
         self._wakeup = anyio.Event()
+        self._waiting = 0  # tasks in get() waiting for a frame
         self.finished = False
         self.abandoned = False
 
     def _changed(self) -> None:
-        if self._wakeup.statistics().tasks_waiting:
+        if self._waiting:
             self._wakeup.set()
             self._wakeup = anyio.Event()
 
@@ -108,7 +109,11 @@ class _Inbox:
                 return self._frames.popleft()
             if self.finished:
                 return None
-            await self._wakeup.wait()
+            self._waiting += 1
+            try:
+                await self._wakeup.wait()
+            finally:
+                self._waiting -= 1
 
     def finish(self) -> None:
         """No more frames will come; what is here can still be taken."""
@@ -157,6 +162,9 @@ class NatsSession(Session):
         self._keepalive_timeout = keepalive_timeout
         self._close_timeout = close_timeout
         self._release = release
+        # anyio's clock on asyncio (nats-py's only loop), read without anyio's
+        # per-call backend lookup: it is read for every message.
+        self._clock = asyncio.get_running_loop().time
         self._peer = PeerInfo(address=connection.url)
         # Set from the handshake: what the peer accepts.
         self._peer_window = window
@@ -170,7 +178,7 @@ class NatsSession(Session):
         self._credit_asked = False  # a CREDIT went out since the last ACK
         self._credit_changed = anyio.Event()
         self._frame_lock = anyio.Lock()  # the messages of one frame go out together
-        self._last_sent = anyio.current_time()
+        self._last_sent = self._clock()
         # Receiving.
         self._expected = 1
         self._parts: list[bytes] = []
@@ -180,7 +188,7 @@ class NatsSession(Session):
         self._consumed_cost = 0  # credit of the frames the application took
         self._acked_sent = 0  # the total our last ACK gave back
         self._ack_wanted = False  # the peer asked for credit
-        self._last_received = anyio.current_time()
+        self._last_received = self._clock()
         # Ending.
         self._local_reason: str | None = None
         self._end: SessionClosedError | None = None
@@ -355,7 +363,7 @@ class NatsSession(Session):
         """
         sequence = self._next_sequence
         self._next_sequence += 1
-        self._last_sent = anyio.current_time()
+        self._last_sent = self._clock()
         try:
             # No await before nats-py queues the message: see the module's docstring.
             await self._connection.client.publish(
@@ -398,7 +406,7 @@ class NatsSession(Session):
             )
             return
         self._expected += 1
-        self._last_received = anyio.current_time()
+        self._last_received = self._clock()
         if kind == Kind.DATA or kind == Kind.PART:
             self._take_piece(kind, body)
         elif kind == Kind.ACK:
@@ -526,7 +534,9 @@ class NatsSession(Session):
             return
         self._goodbye_sent = True
         encoded = reason.encode("utf-8")[:MAX_REASON_BYTES]
-        with anyio.move_on_after(self._close_timeout):
+        # Shielded: a runner cancelled with its global (serve() stopping) must still
+        # say goodbye, or its zone only learns of the end from its keepalive.
+        with anyio.move_on_after(self._close_timeout, shield=True):
             # After the frame being sent, if any: never between its parts.
             async with self._frame_lock:
                 # If the connection is gone, the peer's keepalive will tell it.
@@ -571,7 +581,7 @@ class NatsSession(Session):
         interval = self._keepalive_interval
         while not self._over():
             changed = self._control_changed
-            now = anyio.current_time()
+            now = self._clock()
             silent = now - self._last_received
             if silent >= silence_limit:
                 # Said to the peer too: it may be alive and only its messages lost.
@@ -601,7 +611,7 @@ class NatsSession(Session):
             delay = min(interval - idle, silence_limit - silent)
             with anyio.move_on_after(delay):
                 await changed.wait()
-            late = anyio.current_time() - (now + delay)
+            late = self._clock() - (now + delay)
             if late > _STALL:
                 # This process did not run for a while (CPU starvation, a long
                 # pause): the peer's messages may be waiting unread, so that time
@@ -641,7 +651,7 @@ class NatsSession(Session):
         self._agree(answer.max_frame_size, answer.window, answer.keepalive_interval)
         self._part_size = self._part_size_for(answer.max_payload)
         self._peer = PeerInfo(address=f"{answer.instance} via {self._connection.url}")
-        self._last_received = anyio.current_time()
+        self._last_received = self._clock()
 
     async def _give_up(self, reason: str) -> None:
         """Tell a global that may have accepted meanwhile that this zone is not coming.
@@ -676,7 +686,7 @@ class NatsSession(Session):
         await self._connection.client.publish(
             self._send_subject, wire.encode(Kind.ACCEPT, 0, reply.to_json())
         )
-        self._last_received = anyio.current_time()
+        self._last_received = self._clock()
 
 
 def start_runner(session: NatsSession) -> None:

@@ -91,6 +91,9 @@ class Kind(enum.IntEnum):
     REFUSE = 7
 
 
+_KINDS: Final = tuple(Kind)  # indexed by value (0, 1, 2, ...): cheaper than Kind(value)
+
+
 def valid_prefix(prefix: str) -> bool:
     """Whether *prefix* is a usable subject prefix: dot-separated plain tokens."""
     return bool(prefix) and all(_PREFIX_TOKEN.fullmatch(token) for token in prefix.split("."))
@@ -143,11 +146,9 @@ def decode(message: bytes) -> tuple[Kind, int, bytes]:
     if len(message) < HEADER.size:
         raise ValueError(f"a {len(message)}-byte message is shorter than the envelope header")
     kind, sequence = HEADER.unpack_from(message)
-    try:
-        known = Kind(kind)
-    except ValueError:
-        raise ValueError(f"unknown message kind {kind}") from None
-    return known, sequence, message[HEADER.size :]
+    if kind >= len(_KINDS):
+        raise ValueError(f"unknown message kind {kind}")
+    return _KINDS[kind], sequence, message[HEADER.size :]
 
 
 def _positive_int(data: dict[str, Any], name: str) -> int:

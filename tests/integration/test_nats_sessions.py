@@ -403,6 +403,11 @@ async def test_a_peer_sending_beyond_its_credit_is_cut_off_not_silently_dropped(
         fitting = window // (len(frame) + FRAME_COST)
         for sequence in range(1, fitting + 3):  # never waiting for an ACK
             await raw.publish(z2g, wire.encode(Kind.DATA, sequence, frame))
+        # Take nothing before the excess has arrived: each frame taken gives credit
+        # back, and an early ACK would make room for the frames that should not fit.
+        with anyio.fail_after(TIMEOUT):
+            while global_._end is None:  # noqa: ASYNC110 -- the session's own state, polled
+                await anyio.sleep(0.01)
         received: list[bytes] = []
         with anyio.fail_after(TIMEOUT), pytest.raises(SessionClosedError) as caught:
             await receive_all(global_, received)
