@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import socket
+import tempfile
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import os
     import subprocess
     from types import TracebackType
     from typing import Self
 
-__all__ = ["ServerProcess", "free_port"]
+__all__ = ["ServerProcess", "free_port", "server_directory"]
+
+
+def server_directory(directory: str | os.PathLike[str] | None, prefix: str) -> tuple[Path, bool]:
+    """The directory a server keeps its files in (created if missing), and whether it is new.
+
+    A new temporary directory (when *directory* is ``None``) is the server's to delete
+    when it is cleaned up; a given one is left in place.
+    """
+    if directory is None:
+        return Path(tempfile.mkdtemp(prefix=prefix)), True
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    return path, False
 
 
 def free_port() -> int:

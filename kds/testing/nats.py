@@ -27,12 +27,11 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from kds.testing._server import ServerProcess, free_port
+from kds.testing._server import ServerProcess, free_port, server_directory
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -119,8 +118,7 @@ class NatsServer(ServerProcess):
             raise ValueError("a NATS server takes a user or a token, not both")
         if tls_verify is not None and tls is None:
             raise ValueError("tls_verify needs tls")
-        self._owns_directory = directory is None
-        self.directory = Path(directory or tempfile.mkdtemp(prefix="kds-nats-"))
+        self.directory, self._owns_directory = server_directory(directory, "kds-nats-")
         self.config = self.directory / "nats-server.conf"
         self.log = self.directory / "nats-server.log"
         self.host = "127.0.0.1"

@@ -30,14 +30,13 @@ import signal
 import ssl
 import struct
 import subprocess
-import tempfile
 import threading
 import time
 import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from kds.testing._server import ServerProcess, free_port
+from kds.testing._server import ServerProcess, free_port, server_directory
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -249,8 +248,7 @@ class PostgresServer(ServerProcess):
         password: str | None = None,
         tls: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None,
     ) -> None:
-        self._owns_directory = directory is None
-        self.directory = Path(directory or tempfile.mkdtemp(prefix="kds-postgres-"))
+        self.directory, self._owns_directory = server_directory(directory, "kds-postgres-")
         self.data = self.directory / "data"
         self.log = self.directory / "postgres.log"
         self.port = free_port()

@@ -484,3 +484,10 @@ async def receive_all(session: NatsSession, into: list[bytes]) -> None:
 
 async def unused_handler(session):
     raise AssertionError("no session was expected")
+
+
+def test_a_server_given_a_directory_that_does_not_exist_creates_it(tmp_path):
+    directory = tmp_path / "not" / "yet"
+    with NatsServer(directory) as server:
+        assert server.config.exists()
+    assert directory.exists()  # a given directory is left in place
