@@ -34,7 +34,6 @@ offline whatever liveness window a reader uses. An insight keeps the newest
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import ssl
@@ -47,7 +46,14 @@ import anyio
 from aiohttp import web
 
 import kds
-from kds.api.problems import Problem, json_response, store_unavailable, unexpected_failure
+from kds.api.problems import (
+    Problem,
+    http_problem,
+    json_response,
+    read_json,
+    store_unavailable,
+    unexpected_failure,
+)
 from kds.api.representation import label_field
 from kds.dp import PROXY_KINDS, ProxyKind, proxy_kind, read_proxy_document
 from kds.errors import (
@@ -416,33 +422,7 @@ class DataplaneServer:
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         """The body as a JSON object (strict: no duplicate keys, NaN or infinities)."""
-        too_large = Problem(
-            413,
-            f"the request body is larger than the limit of {self.max_body_size} bytes",
-            [("body", f"must be at most {self.max_body_size} bytes")],
-        )
-        if request.content_length is not None and request.content_length > self.max_body_size:
-            raise too_large
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise too_large from None
-        try:
-            value = json.loads(
-                raw.decode("utf-8"),
-                object_pairs_hook=_unique_keys,
-                parse_constant=_no_constant,
-            )
-        except UnicodeDecodeError as exc:
-            raise Problem.invalid("body", f"is not UTF-8: {exc.reason}") from None
-        except json.JSONDecodeError as exc:
-            raise Problem.invalid(
-                "body", f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-            ) from None
-        except RecursionError:
-            raise Problem.invalid("body", "is nested too deeply") from None
-        except ValueError as exc:
-            raise Problem.invalid("body", f"is not valid JSON: {exc}") from None
+        value = await read_json(request, max_body_size=self.max_body_size)
         if not isinstance(value, dict):
             raise Problem.invalid("body", "must be a JSON object")
         return value
@@ -638,7 +618,7 @@ class DataplaneServer:
                     )
                 return problem.response()
             except web.HTTPException as exc:
-                return _http_problem(request, exc).response()
+                return http_problem(request, exc).response()
             except (StoreUnavailableError, StoreClosedError) as exc:
                 return store_unavailable(request, exc)
             except Exception:
@@ -755,27 +735,3 @@ def _required_text(body: Mapping[str, Any], field: str) -> str:
     if value is None:
         raise Problem.invalid(field, "is required")
     return value
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"the key {key!r} appears twice in one object")
-        result[key] = value
-    return result
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _http_problem(request: web.Request, exc: web.HTTPException) -> Problem:
-    if isinstance(exc, web.HTTPNotFound):
-        return Problem(404, f"there is no endpoint at {request.path}")
-    if isinstance(exc, web.HTTPMethodNotAllowed):
-        allowed = ", ".join(sorted(exc.allowed_methods))
-        return Problem(
-            405, f"{request.method} is not allowed on {request.path}; allowed: {allowed}"
-        )
-    return Problem(exc.status, exc.reason)

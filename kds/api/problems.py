@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import uuid
 from typing import TYPE_CHECKING, Any, Final
@@ -31,9 +32,11 @@ __all__ = [
     "TITLES",
     "Problem",
     "dumps",
+    "http_problem",
     "json_kind",
     "json_response",
     "public_field",
+    "read_json",
     "store_unavailable",
     "unexpected_failure",
 ]
@@ -165,3 +168,76 @@ def unexpected_failure(request: web.BaseRequest) -> web.Response:
         "the control plane could not handle this request; its log has the details under "
         f"error id {error_id}",
     ).response()
+
+
+async def read_json(request: web.BaseRequest, *, max_body_size: int) -> object:
+    """The request's body as strict JSON: no duplicate keys, NaN or infinities.
+
+    Raises:
+        Problem: 413 for a body over *max_body_size* bytes; 400 naming ``body`` for an
+            empty body, one that is not UTF-8 or not valid JSON, or one nested too deeply.
+    """
+    too_large = Problem(
+        413,
+        f"the request body is larger than the limit of {max_body_size} bytes",
+        [("body", f"must be at most {max_body_size} bytes")],
+    )
+    if request.content_length is not None and request.content_length > max_body_size:
+        raise too_large
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large from None
+    if not raw.strip():
+        raise Problem.invalid("body", "is empty: expected a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Problem.invalid("body", f"is not UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        return json.loads(
+            text,
+            object_pairs_hook=_unique_keys,
+            parse_constant=_no_constant,
+            parse_float=_finite_float,
+        )
+    except json.JSONDecodeError as exc:
+        raise Problem.invalid(
+            "body", f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except RecursionError:
+        raise Problem.invalid("body", "is nested too deeply") from None
+    except ValueError as exc:
+        raise Problem.invalid("body", f"is not valid JSON: {exc}") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        result[key] = value
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text} is out of range")
+    return value
+
+
+def http_problem(request: web.BaseRequest, exc: web.HTTPException) -> Problem:
+    """An error document for an error aiohttp raised itself (no route, wrong method)."""
+    if isinstance(exc, web.HTTPNotFound):
+        return Problem(404, f"there is no endpoint at {request.path}")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return Problem(
+            405, f"{request.method} is not allowed on {request.path}; allowed: {allowed}"
+        )
+    return Problem(exc.status, exc.reason)

@@ -45,9 +45,11 @@ from kds.api.overviews import (
 )
 from kds.api.problems import (
     Problem,
+    http_problem,
     json_kind,
     json_response,
     public_field,
+    read_json,
     store_unavailable,
     unexpected_failure,
 )
@@ -575,7 +577,7 @@ class ApiServer:
             except Problem as problem:
                 return problem.response()
             except web.HTTPException as exc:
-                return _http_problem(request, exc).response()
+                return http_problem(request, exc).response()
             except ValidationError as exc:
                 return Problem.from_validation(exc).response()
             except NotFoundError as exc:
@@ -906,40 +908,7 @@ class ApiServer:
 
     async def _json_body(self, request: web.Request) -> object:
         """Read and parse the body as strict JSON (no duplicate keys, NaN or infinities)."""
-        too_large = Problem(
-            413,
-            f"the request body is larger than the limit of {self.max_body_size} bytes",
-            [("body", f"must be at most {self.max_body_size} bytes")],
-        )
-        if request.content_length is not None and request.content_length > self.max_body_size:
-            raise too_large
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise too_large from None
-        if not raw.strip():
-            raise Problem.invalid("body", "is empty: expected a JSON object")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise Problem.invalid(
-                "body", f"is not UTF-8: {exc.reason} at byte {exc.start}"
-            ) from None
-        try:
-            return json.loads(
-                text,
-                object_pairs_hook=_unique_keys,
-                parse_constant=_no_constant,
-                parse_float=_finite_float,
-            )
-        except json.JSONDecodeError as exc:
-            raise Problem.invalid(
-                "body", f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-            ) from None
-        except RecursionError:
-            raise Problem.invalid("body", "is nested too deeply") from None
-        except ValueError as exc:
-            raise Problem.invalid("body", f"is not valid JSON: {exc}") from None
+        return await read_json(request, max_body_size=self.max_body_size)
 
 
 class _AccessLogger(AbstractAccessLogger):
@@ -981,35 +950,3 @@ def _path_key(key: ResourceKey) -> ResourceKey:
 def _missing(key: ResourceKey) -> str:
     where = f" in mesh {key.mesh!r}" if key.mesh is not None else ""
     return f"{key.type} {key.name!r} was not found{where}"
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"the key {key!r} appears twice in one object")
-        result[key] = value
-    return result
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"the number {text} is out of range")
-    return value
-
-
-def _http_problem(request: web.Request, exc: web.HTTPException) -> Problem:
-    """An error document for an error aiohttp raised itself (no route, wrong method)."""
-    if isinstance(exc, web.HTTPNotFound):
-        return Problem(404, f"there is no endpoint at {request.path}")
-    if isinstance(exc, web.HTTPMethodNotAllowed):
-        allowed = ", ".join(sorted(exc.allowed_methods))
-        return Problem(
-            405, f"{request.method} is not allowed on {request.path}; allowed: {allowed}"
-        )
-    return Problem(exc.status, exc.reason)
