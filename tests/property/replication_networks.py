@@ -219,7 +219,22 @@ class MemoryLinks(Links):
         self.transport.accept_connections()
 
 
-class GrpcLinks(Links):
+class RelayedLinks(Links):
+    """Links whose faults play on a :class:`TcpRelay` the zones' connections go through."""
+
+    relay: TcpRelay
+
+    async def sever(self) -> None:
+        await self.relay.sever_all("network cut")
+
+    def refuse(self) -> None:
+        self.relay.refuse_connections()
+
+    def accept(self) -> None:
+        self.relay.accept_connections()
+
+
+class GrpcLinks(RelayedLinks):
     """gRPC with TLS on loopback; zones dial the global through *relay*.
 
     Each global listens on a new port of its own (``grpcs://127.0.0.1:0``) with the
@@ -261,15 +276,6 @@ class GrpcLinks(Links):
             close_timeout=CLOSE_TIMEOUT,
         )
 
-    async def sever(self) -> None:
-        await self.relay.sever_all("network cut")
-
-    def refuse(self) -> None:
-        self.relay.refuse_connections()
-
-    def accept(self) -> None:
-        self.relay.accept_connections()
-
     def status(self) -> list[str]:
         return [_relay_status(self.relay)]
 
@@ -286,7 +292,7 @@ class GrpcLinks(Links):
         ]
 
 
-class NatsLinks(Links):
+class NatsLinks(RelayedLinks):
     """NATS on loopback: the global connects to the server *relay* targets, zones via *relay*.
 
     Every federation gets a subject prefix of its own, so federations sharing one
@@ -332,15 +338,6 @@ class NatsLinks(Links):
             keepalive_timeout=NATS_KEEPALIVE,
             close_timeout=CLOSE_TIMEOUT,
         )
-
-    async def sever(self) -> None:
-        await self.relay.sever_all("network cut")
-
-    def refuse(self) -> None:
-        self.relay.refuse_connections()
-
-    def accept(self) -> None:
-        self.relay.accept_connections()
 
     def status(self) -> list[str]:
         return [f"  NATS {self.server_url}, prefix {self.prefix}", _relay_status(self.relay)]
