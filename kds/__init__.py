@@ -43,6 +43,7 @@ from kds.resource import SyncFlag as SyncFlag
 from kds.resource import hashed_name as hashed_name
 from kds.resource import sync_name as sync_name
 from kds.store import MUST_NOT_EXIST as MUST_NOT_EXIST
+from kds.store import Atomicity as Atomicity
 from kds.store import Change as Change
 from kds.store import Cursor as Cursor
 from kds.store import Delete as Delete

@@ -16,10 +16,11 @@ passes the conformance suite in ``tests/property`` (reusable from
 from __future__ import annotations
 
 import contextlib
+import enum
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Self
 
 import attrs
 import msgpack
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MUST_NOT_EXIST",
+    "Atomicity",
     "Change",
     "Cursor",
     "Delete",
@@ -63,6 +65,27 @@ MUST_NOT_EXIST: Final = 0
 Stored versions start at 1, so 0 can never match a stored resource."""
 
 DEFAULT_READ_LIMIT: Final = 1000  # events per read() call
+
+
+class Atomicity(enum.Enum):
+    """What a store promises about a commit that fails part-way (a declared capability).
+
+    The conformance suite checks each store against the promise it declares.
+    """
+
+    TRANSACTION = "transaction"
+    """All of a commit's changes and its tracking cursor take effect, or none does
+    (SQLite, PostgreSQL, memory)."""
+
+    ORDERED_PREFIX = "ordered-prefix"
+    """A commit refused at its start (validation, an expected version, the tracking
+    rule, a missing resource) writes nothing, as with TRANSACTION. Past that, changes
+    are written one at a time, in order, and the tracking cursor last; a commit
+    interrupted half-way (a crash, a lost connection, a concurrent writer) leaves a
+    prefix of its changes applied and the cursor unmoved. Replication stays
+    exactly-once in effect: the cursor did not move, so the batch is applied again,
+    and what was already applied is identical and writes nothing (Kubernetes, which
+    has no multi-object transactions)."""
 
 
 def _check_expected_version(value: object) -> None:
@@ -307,6 +330,9 @@ class Store(ABC):
     Args:
         catalog: the resource types this store accepts.
     """
+
+    atomicity: ClassVar[Atomicity] = Atomicity.TRANSACTION
+    """What a commit that fails part-way leaves behind (see :class:`Atomicity`)."""
 
     def __init__(self, *, catalog: Catalog = DEFAULT_CATALOG) -> None:
         self.catalog = catalog

@@ -804,9 +804,11 @@ async def check_cursors(factory: StoreFactory) -> None:
                 async with _closing(store.follow(bad)) as followed:
                     with anyio.fail_after(TIMEOUT):
                         await anext(followed)
-        for revision in range(head + 1):
-            await store.check_cursor(Cursor(epoch, revision))
         events = await read_all(store, 0)
+        # Every revision that matters (revisions need not be small or dense).
+        revisions = {0, head, *(e.revision for e in events), *(e.revision - 1 for e in events)}
+        for revision in sorted(revisions):
+            await store.check_cursor(Cursor(epoch, revision))
         async with _closing(store.follow(Cursor(epoch, 0))) as followed:
             with anyio.fail_after(TIMEOUT):
                 got = [await anext(followed) for _ in events]
@@ -841,12 +843,13 @@ async def check_delete_labelled(
             if all(resource.labels.get(name) == value for name, value in labels.items())
         }
         revision = await store.delete_labelled(labels)
-        _equal(revision, before.head + len(doomed), "revision returned by delete_labelled")
         events = await read_all(store, before.head)
+        # One run of events right after the old head (revisions need not be dense).
+        _equal(len(events), len(doomed), "delete events written by delete_labelled")
         _equal(
-            [event.revision for event in events],
-            list(range(before.head + 1, revision + 1)),
-            "revisions of the delete events",
+            revision,
+            events[-1].revision if events else before.head,
+            "revision returned by delete_labelled",
         )
         _check(all(isinstance(e, Deleted) for e in events), "delete_labelled wrote non-deletes")
         _equal({event.key for event in events}, doomed, "keys deleted")
