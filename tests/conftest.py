@@ -1,4 +1,5 @@
-"""Suite-wide settings and services: the event loop, Hypothesis profiles, PostgreSQL."""
+"""Suite-wide settings and services: the event loop, Hypothesis profiles, PostgreSQL,
+the Kubernetes API-server stand-in."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import attrs
 import pytest
 from hypothesis import HealthCheck, settings
 
+from kds.testing.kubeapi import KubeApiServer
 from kds.testing.postgres import PostgresServer
 from kds_stores.postgres import PostgresSettings, migrate_up
 
@@ -74,6 +76,25 @@ def _settings_from_dsn(dsn: str) -> PostgresSettings:
 
 
 _schemas = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def kube_api_server() -> Iterator[KubeApiServer]:
+    """One Kubernetes API-server stand-in for the session (HTTPS, a bearer token).
+
+    Each Kubernetes store the tests open keeps its objects in a namespace of its own
+    (:func:`new_kube_namespace`), so stores never see each other's data.
+    """
+    with KubeApiServer() as server:
+        yield server
+
+
+_namespaces = itertools.count()
+
+
+def new_kube_namespace() -> str:
+    """A namespace name no other store of this test session uses."""
+    return f"kds-test-{os.getpid()}-{next(_namespaces)}"
 
 
 async def new_postgres_schema(base: PostgresSettings, *, migrate: bool = True) -> PostgresSettings:

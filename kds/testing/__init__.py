@@ -18,6 +18,7 @@ Third-party backends run the same suite as the built-in ones: build a
 
 from kds.testing.factory import StoreFactory as StoreFactory
 from kds.testing.factory import StoreSpec as StoreSpec
+from kds.testing.kubeapi import KubeApiServer as KubeApiServer
 from kds.testing.memory import MemoryStore as MemoryStore
 from kds.testing.nats import NatsServer as NatsServer
 from kds.testing.relay import TcpRelay as TcpRelay

@@ -17,9 +17,10 @@ import attrs
 import pytest
 
 from kds.testing import StoreFactory, StoreSpec
-from tests.conftest import new_postgres_schema
+from tests.conftest import new_kube_namespace, new_postgres_schema
 
 if TYPE_CHECKING:
+    from kds.testing.kubeapi import KubeApiServer
     from kds_stores.postgres import PostgresSettings
 
 
@@ -56,12 +57,33 @@ def _postgres_factory(request: pytest.FixtureRequest) -> StoreFactory:
     return StoreFactory("postgres", new_spec, durable=True)
 
 
-FACTORIES = {"memory": _memory_factory, "sqlite": _sqlite_factory, "postgres": _postgres_factory}
+def _kubernetes_factory(request: pytest.FixtureRequest) -> StoreFactory:
+    # Each store gets a namespace of its own in the session's one API-server stand-in;
+    # its data lives in the stand-in's process, so it survives the store's process.
+    server: KubeApiServer = request.getfixturevalue("kube_api_server")
+
+    async def new_spec() -> StoreSpec:
+        kwargs = {
+            "namespace": new_kube_namespace(),
+            "kubeconfig": str(server.kubeconfig),
+            "watch_timeout": 5.0,
+        }
+        return StoreSpec("kubernetes", kwargs)
+
+    return StoreFactory("kubernetes", new_spec, durable=True)
+
+
+FACTORIES = {
+    "memory": _memory_factory,
+    "sqlite": _sqlite_factory,
+    "postgres": _postgres_factory,
+    "kubernetes": _kubernetes_factory,
+}
 
 # Backends whose data survives the process. The crash and reopen tests are defined
 # only for these: a MemoryStore cannot outlive a SIGKILL, so no memory parameter is
 # generated for them (it is not skipped; the test does not apply to it).
-DURABLE = ["sqlite", "postgres"]
+DURABLE = ["sqlite", "postgres", "kubernetes"]
 
 
 @pytest.fixture(scope="session", params=list(FACTORIES))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import itertools
+import json
 import subprocess
 import sys
 import tempfile
@@ -431,8 +432,12 @@ class _Child:
     log: Path
 
 
+_OUTLIVING_STORES: Final = ("sqlite", "kubernetes")
+"""Stores whose data outlives a killed zone process: a file, or the API-server stand-in."""
+
+
 class ZoneProcesses(Zones):
-    """Each zone engine in a child process of its own, over *links*, on a SQLite file.
+    """Each zone engine in a child process of its own, over *links*, on a durable store.
 
     A child runs :mod:`tests.sync.plane` on the file of *specs*' recipe for its
     zone (this process has the same file open) with *options*, dialling as
@@ -452,9 +457,9 @@ class ZoneProcesses(Zones):
         options: SyncOptions,
         log_dir: Path,
     ) -> None:
-        for zone, spec in specs.items():
-            if spec.backend != "sqlite":
-                raise ValueError(f"zones in processes need SQLite files, {zone} has {spec}")
+        for spec in specs.values():
+            if spec.backend not in _OUTLIVING_STORES:
+                raise ValueError(f"zones in processes need stores that outlive them: {spec}")
         self._links = links
         self._specs = specs
         self._options = options
@@ -464,12 +469,16 @@ class ZoneProcesses(Zones):
 
     def _command(self, zone: str) -> list[str]:
         spec = self._specs[zone].kwargs
+        if self._specs[zone].backend == "sqlite":
+            store = ["--store", str(spec["path"])]
+        else:
+            recipe = {"backend": self._specs[zone].backend, "kwargs": dict(spec)}
+            store = ["--store-spec", json.dumps(recipe)]
         command = [
             sys.executable,
             "-m",
             "tests.sync.plane",
-            "--store",
-            str(spec["path"]),
+            *store,
             "--zone",
             zone,
             *self._links.plane_arguments(),

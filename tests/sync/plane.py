@@ -2,7 +2,9 @@
 
 ``python -m tests.sync.plane --store PATH --zone NAME --address grpcs://... --ca FILE``
 replicates the SQLite store at PATH with the global over gRPC until it is terminated
-(SIGTERM: it stops cleanly and exits 0) or killed;
+(SIGTERM: it stops cleanly and exits 0) or killed; ``--store-spec JSON`` opens any
+other store from a :class:`~kds.testing.StoreSpec` (``{"backend": ..., "kwargs": ...}``)
+instead;
 ``--transport nats --address nats://... --prefix PREFIX`` does so through NATS.
 Other options tune it as a test needs: the store's ``--synchronous`` mode and
 ``--poll-interval``, any field of :class:`~kds.sync.SyncOptions`
@@ -14,6 +16,7 @@ Other options tune it as a test needs: the store's ``--synchronous`` mode and
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 from typing import TYPE_CHECKING, Any
@@ -22,6 +25,7 @@ import anyio
 import attrs
 
 from kds.sync import SyncOptions, ZoneEngine
+from kds.testing import StoreSpec
 from kds_stores.sqlite import SQLiteStore
 
 if TYPE_CHECKING:
@@ -69,7 +73,13 @@ def transport(args: argparse.Namespace) -> Transport:
 async def run(args: argparse.Namespace) -> None:
     """Replicate until SIGTERM."""
     options = sync_options(dict(args.sync_option))
-    store = SQLiteStore(args.store, poll_interval=args.poll_interval, synchronous=args.synchronous)
+    if args.store_spec is not None:
+        spec = json.loads(args.store_spec)
+        store = StoreSpec(spec["backend"], spec.get("kwargs", {})).create()
+    else:
+        store = SQLiteStore(
+            args.store, poll_interval=args.poll_interval, synchronous=args.synchronous
+        )
     async with store, anyio.create_task_group() as group:
         engine = ZoneEngine(store, transport(args), zone=args.zone, options=options)
         group.start_soon(engine.run)
@@ -89,7 +99,9 @@ def _name_and_value(text: str) -> tuple[str, str]:
 def main() -> None:
     """Parse the arguments and run the zone."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--store", help="a SQLite file")
+    where.add_argument("--store-spec", help="any store, as StoreSpec JSON")
     parser.add_argument("--zone", required=True)
     parser.add_argument("--transport", choices=["grpc", "nats"], default="grpc")
     parser.add_argument("--address", required=True)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from kds import ConfigError, store_class
@@ -16,7 +18,10 @@ def test_unknown_name_lists_the_choices():
         store_class("mysql")
 
 
-def test_missing_module_names_the_extra_to_install():
+def test_missing_module_names_the_extra_to_install(monkeypatch):
+    # As on a machine without the extra: the client library cannot be imported.
+    monkeypatch.delitem(sys.modules, "kds_stores.kubernetes", raising=False)
+    monkeypatch.setitem(sys.modules, "kubernetes_asyncio", None)
     with pytest.raises(ConfigError, match=r"pip install 'kds\[kubernetes\]'"):
         store_class("kubernetes")
 
