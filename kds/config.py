@@ -93,8 +93,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Mode: TypeAlias = Literal["global", "zone"]
-Environment: TypeAlias = Literal["universal"]
-StoreType: TypeAlias = Literal["memory", "sqlite", "postgres"]
+Environment: TypeAlias = Literal["universal", "kubernetes"]
+StoreType: TypeAlias = Literal["memory", "sqlite", "postgres", "kubernetes"]
 TransportType: TypeAlias = Literal["grpc", "nats"]
 Synchronous: TypeAlias = Literal["normal", "full"]
 PostgresTlsMode: TypeAlias = Literal["disable", "verifyNone", "verifyCa", "verifyFull"]
@@ -125,7 +125,6 @@ class _Meta:
     minimum: float | None = None
     maximum: float | None = None
     value_aliases: Mapping[str, str] = attrs.field(factory=dict)
-    not_yet: frozenset[str] = frozenset()  # values kds will accept later (kubernetes)
 
 
 def _meta(**kwargs: Any) -> dict[str, _Meta]:
@@ -214,16 +213,36 @@ class PostgresConfig:
 
 
 @attrs.frozen(kw_only=True)
+class KubernetesStoreConfig:
+    """The Kubernetes store: resources as custom resources in one namespace."""
+
+    namespace: str = "kds-system"
+    """Namespace holding the store's objects (created if missing). Control planes
+    that share a namespace share one store."""
+    group: str = "kuma.io"
+    """API group of the CustomResourceDefinitions (``meshtimeouts.kuma.io``)."""
+    kubeconfig: str = ""
+    """Kubeconfig file to reach the cluster with; empty uses the pod's service account
+    when running in a cluster, else ``~/.kube/config``."""
+    context: str = ""
+    """Context of ``kubeconfig`` to use; empty uses its current context."""
+    watch_timeout: float = attrs.field(default=10.0, metadata=_meta(minimum=1))
+    """Seconds each watch lasts before it is opened again; the API server sends a
+    bookmark shortly before a watch ends, which bounds how long a quiet resource type
+    can hold back the merged event log."""
+
+
+@attrs.frozen(kw_only=True)
 class StoreConfig:
     """Where the control plane keeps its resources and their event log."""
 
-    type: StoreType = attrs.field(
-        default="sqlite", metadata=_meta(kuma=True, not_yet=frozenset({"kubernetes"}))
-    )
+    type: StoreType = attrs.field(default="sqlite", metadata=_meta(kuma=True))
     """``sqlite`` (a file in ``workDir``: works with no configuration at all),
-    ``postgres`` (production, several processes) or ``memory`` (lost on exit)."""
+    ``postgres`` (production, several processes), ``kubernetes`` (custom resources;
+    the default when ``environment`` is ``kubernetes``) or ``memory`` (lost on exit)."""
     sqlite: SqliteConfig = attrs.field(factory=SqliteConfig)
     postgres: PostgresConfig = attrs.field(factory=PostgresConfig)
+    kubernetes: KubernetesStoreConfig = attrs.field(factory=KubernetesStoreConfig)
 
 
 @attrs.frozen(kw_only=True)
@@ -415,11 +434,10 @@ class KdsConfig:
 
     mode: Mode = attrs.field(default="global", metadata=_meta(kuma=True))
     """``global`` (the one global control plane) or ``zone``."""
-    environment: Environment = attrs.field(
-        default="universal", metadata=_meta(kuma=True, not_yet=frozenset({"kubernetes"}))
-    )
+    environment: Environment = attrs.field(default="universal", metadata=_meta(kuma=True))
     """Where the control plane runs: ``universal`` (outside Kubernetes, or on it with a
-    PostgreSQL store); ``kubernetes`` is not supported yet."""
+    PostgreSQL store) or ``kubernetes`` (resources are custom resources: ``store.type``
+    then defaults to ``kubernetes``)."""
     general: GeneralConfig = attrs.field(factory=GeneralConfig)
     store: StoreConfig = attrs.field(factory=StoreConfig)
     multizone: MultizoneConfig = attrs.field(factory=MultizoneConfig)
@@ -450,8 +468,7 @@ class Setting:
         secret: whether the value is hidden from ``repr``, messages and ``config print``.
         doc: the field's docstring.
         meta: the rest of what reading it checks: ``minimum`` and ``maximum`` bounds,
-            ``value_aliases`` (Kuma's spellings of a choice), ``not_yet`` (values a
-            later kds will accept).
+            ``value_aliases`` (Kuma's spellings of a choice).
     """
 
     path: tuple[str, ...]
@@ -665,10 +682,6 @@ def _parse(setting: Setting, value: object, where: str) -> object:
             if text is None:
                 raise bad(f"one of {', '.join(setting.choices)}")
             text = setting.meta.value_aliases.get(text, text)
-            if text in setting.meta.not_yet:
-                raise ConfigError(
-                    f"{where}: {text} is not supported yet; use {', '.join(setting.choices)}"
-                )
             if text not in setting.choices:
                 raise bad(f"one of {', '.join(setting.choices)}")
             return text
@@ -1015,6 +1028,11 @@ def load_config(
         setting = by_key[key]
         values[setting.path] = _parse(setting, value, f"{key} ({_COMMAND_LINE})")
         origins[setting.path] = _COMMAND_LINE
+    store_type = ("store", "type")
+    if values.get(("environment",)) == "kubernetes" and store_type not in values:
+        # As Kuma: on Kubernetes, resources are custom resources unless asked otherwise.
+        values[store_type] = "kubernetes"
+        origins[store_type] = origins[("environment",)]
     config: KdsConfig = _build(KdsConfig, (), values)
     _Checker(config, origins).check()
     return config
@@ -1235,6 +1253,16 @@ def create_store(config: KdsConfig, *, catalog: Catalog | None = None) -> Store:
             )
         case "postgres":
             return cls(postgres_settings(config), catalog=catalog)
+        case "kubernetes":
+            kubernetes = config.store.kubernetes
+            return cls(
+                namespace=kubernetes.namespace,
+                group=kubernetes.group,
+                kubeconfig=kubernetes.kubeconfig or None,
+                context=kubernetes.context or None,
+                watch_timeout=kubernetes.watch_timeout,
+                catalog=catalog,
+            )
     raise AssertionError(config.store.type)  # pragma: no cover - validated on load
 
 

@@ -447,7 +447,7 @@ def test_bad_values_name_the_variable_the_key_and_the_value(environ, expected):
             "store:\n  postgres:\n    port: 99999\n",
             "store.postgres.port in {file}: must be at most 65535",
         ),
-        ("store:\n  type: kubernetes\n", "store.type in {file}: kubernetes is not supported yet"),
+        ("store:\n  type: etcd\n", "store.type in {file}: expected one of"),
         (
             "store:\n  postgres:\n    user: 42\n",
             "store.postgres.user in {file}: expected a string (quote it in YAML), got 42",
@@ -490,9 +490,34 @@ def test_lists_are_comma_separated_in_the_environment(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["KUMA_ENVIRONMENT", "KDS_ENVIRONMENT"])
-def test_kubernetes_is_not_supported_yet(name):
-    assert error({name: "kubernetes"}) == (
-        f"{name} (environment): kubernetes is not supported yet; use universal"
+def test_the_kubernetes_environment_defaults_to_the_kubernetes_store(name):
+    config = load_config({name: "kubernetes"})
+    assert (config.environment, config.store.type) == ("kubernetes", "kubernetes")
+    assert config.store.kubernetes.namespace == "kds-system"
+
+
+def test_the_kubernetes_environment_keeps_a_store_type_set_explicitly():
+    # Kuma's "universal on Kubernetes" is environment universal; an explicit store
+    # type wins over the environment's default in any case.
+    config = load_config(
+        {"KUMA_ENVIRONMENT": "kubernetes", "KUMA_STORE_TYPE": "postgres"},
+        None,
+        overrides={"store.postgres.host": "db"},
+    )
+    assert config.store.type == "postgres"
+
+
+def test_kubernetes_store_settings_come_from_the_environment():
+    config = load_config(
+        {
+            "KDS_STORE_TYPE": "kubernetes",
+            "KDS_STORE_KUBERNETES_NAMESPACE": "cp",
+            "KDS_STORE_KUBERNETES_WATCH_TIMEOUT": "3",
+        }
+    )
+    assert (config.store.kubernetes.namespace, config.store.kubernetes.watch_timeout) == ("cp", 3)
+    assert error({"KDS_STORE_KUBERNETES_WATCH_TIMEOUT": "0"}).startswith(
+        "KDS_STORE_KUBERNETES_WATCH_TIMEOUT (store.kubernetes.watchTimeout): must be at least 1"
     )
 
 
