@@ -20,7 +20,7 @@ active, live in a YAML file (``--config-file``, ``$KDSCTL_CONFIG``, else
 
 Without a file, the active control plane is ``local`` at ``http://127.0.0.1:5681``.
 Every failure ends the command with one line on stderr starting ``Error:`` and exit
-status 1.
+status 1 (2 for values ``install control-plane`` cannot use).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import attrs
 import click
 import yaml
 
-from kds._yaml import DocumentLoader
+from kds._yaml import DocumentLoader, StrictLoader
 from kds.client import (
     DEFAULT_ADDRESS,
     ApiError,
@@ -48,6 +48,7 @@ from kds.client import (
     UnknownResourceTypeError,
 )
 from kds.errors import ConfigError, KdsError, ValidationError
+from kds.k8s import DEFAULT_NAMESPACE as _K8S_NAMESPACE
 from kds.resource import LABEL_ZONE
 
 if TYPE_CHECKING:
@@ -1249,3 +1250,91 @@ def revoke_zone_token(ids: tuple[str, ...], token_files: tuple[str, ...]) -> Non
 def revoke_dataplane_token(ids: tuple[str, ...], token_files: tuple[str, ...]) -> None:
     """Revoke dataplane tokens: proxies presenting them are refused from now on."""
     _revoke("dataplane", ids, token_files)
+
+
+# -- install -----------------------------------------------------------------------------
+
+
+class _BadValues(click.ClickException):
+    """Install values that cannot work: one ``Error:`` line and exit status 2, as bad usage."""
+
+    exit_code = 2
+
+
+@main.group("install")
+def install() -> None:
+    """Print Kubernetes manifests that deploy kds (for kubectl apply -f -)."""
+
+
+@install.command("control-plane")
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Set a value, as Helm's --set does (repeat, or KEY=VALUE,KEY=VALUE); wins over --values.",
+)
+@click.option(
+    "--values",
+    "values_files",
+    multiple=True,
+    metavar="FILE",
+    help="YAML file of values, nested as the keys' dots say (repeat: later files win).",
+)
+@click.option(
+    "--namespace",
+    default=_K8S_NAMESPACE,
+    show_default=True,
+    help="The namespace every object goes in.",
+)
+def install_control_plane(
+    sets: tuple[str, ...], values_files: tuple[str, ...], namespace: str
+) -> None:
+    """Print the manifests of a global or zone control plane, as kumactl does.
+
+    \b
+    kdsctl install control-plane --set controlPlane.mode=global | kubectl apply -f -
+    kdsctl install control-plane --set controlPlane.zone=zone-1
+        --set controlPlane.kdsGlobalAddress=grpcs://GLOBAL:5685
+        --set controlPlane.tls.kdsZoneClient.skipVerify=true
+        --set ingress.enabled=true | kubectl apply -f -
+
+    Keys: controlPlane.mode (global|zone, default zone), controlPlane.zone,
+    controlPlane.kdsGlobalAddress, controlPlane.tls.kdsZoneClient.skipVerify,
+    controlPlane.tls.dpServer.secret and .caKey, controlPlane.environment
+    (kubernetes|universal), controlPlane.secrets, controlPlane.image,
+    controlPlane.replicas, controlPlane.logLevel, postgres.port, postgres.tls.*,
+    ingress.enabled, ingress.advertisedAddress, ingress.advertisedPort,
+    egress.enabled (docs/kubernetes.md describes each). A zone needs the Secret
+    kds-zone-token (key token) holding its cp zone token. Bad values print one
+    Error line naming the key and exit with status 2, printing nothing else.
+    """  # noqa: D301 -- "\b" is click's mark for a paragraph printed as written
+    # Imported here: only this command builds manifests (and certificates).
+    from kds import install as installer
+
+    documents = [_read_values(file_name) for file_name in values_files]
+    try:
+        values = installer.load_values(documents, sets)
+        manifests = installer.render_manifests(values, namespace=namespace)
+    except installer.InstallError as error:
+        raise _BadValues(str(error)) from None
+    click.echo(installer.dump_manifests(manifests), nl=False)
+
+
+def _read_values(file_name: str) -> dict[str, Any]:
+    """A --values file: a YAML mapping (an empty file is no values)."""
+    source = f"--values {file_name}"
+    try:
+        text = Path(file_name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise _BadValues(f"{source}: cannot be read: {reason}") from None
+    try:
+        data = yaml.load(text, Loader=StrictLoader)  # noqa: S506 -- a SafeLoader subclass
+    except yaml.YAMLError as error:
+        raise _BadValues(f"{source}: invalid YAML{_yaml_problem(error)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise _BadValues(f"{source}: must be a mapping of keys, got {type(data).__name__}")
+    return data
