@@ -171,7 +171,9 @@ class _Merger:
         self.keep = keep
         self.progress = dict.fromkeys(store._plurals, start)
         self.watermark = start
-        self.pending: list[tuple[int, Event]] = []
+        # (revision, arrival, event): arrival breaks ties, events do not compare.
+        self.pending: list[tuple[int, int, Event]] = []
+        self.arrivals = itertools.count()
         self.released: deque[Event] = deque()
         self.released_after = start  # every event after this is in `released`
         self.last_event = head  # the head: the last event released (or known before start)
@@ -204,7 +206,7 @@ class _Merger:
 
     def _advance(self, type_name: str, revision: int, event: Event | None) -> None:
         if event is not None:
-            heapq.heappush(self.pending, (revision, event))
+            heapq.heappush(self.pending, (revision, next(self.arrivals), event))
         if revision <= self.progress[type_name]:
             return
         self.progress[type_name] = revision
@@ -213,7 +215,7 @@ class _Merger:
             return
         self.watermark = watermark
         while self.pending and self.pending[0][0] <= watermark:
-            released = heapq.heappop(self.pending)[1]
+            released = heapq.heappop(self.pending)[2]
             self.released.append(released)
             self.last_event = released.revision
         if self.keep is not None:
@@ -533,6 +535,8 @@ class KubernetesStore(Store):
         if api is not None:
             with contextlib.suppress(Exception):
                 await api.close()
+            # One turn of the loop: aborted connections finish closing their sockets.
+            await asyncio.sleep(0)
 
     @property
     def epoch(self) -> str:
@@ -696,7 +700,12 @@ class KubernetesStore(Store):
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise StoreUnavailableError(f"{self}: {what} broke: {exc}") from exc
         finally:
-            # An unfinished stream cannot go back to the pool: close its connection.
+            # An unfinished stream cannot go back to the pool. Abort its connection
+            # rather than close it: a TLS close waits for the server's goodbye, which
+            # would outlive a store that is closing.
+            connection = response.connection
+            if connection is not None and connection.transport is not None:
+                connection.transport.abort()
             response.close()
 
     def _watch_event(self, type_name: str, after: int, line: bytes) -> tuple[int, Event | None]:

@@ -12,6 +12,7 @@ import attrs
 import pytest
 from hypothesis import HealthCheck, settings
 
+from kds.testing import StoreSpec
 from kds.testing.kubeapi import KubeApiServer
 from kds.testing.postgres import PostgresServer
 from kds_stores.postgres import PostgresSettings, migrate_up
@@ -95,6 +96,19 @@ _namespaces = itertools.count()
 def new_kube_namespace() -> str:
     """A namespace name no other store of this test session uses."""
     return f"kds-test-{os.getpid()}-{next(_namespaces)}"
+
+
+def new_kube_store_spec(server: KubeApiServer) -> StoreSpec:
+    """A recipe for a new, empty Kubernetes store on *server*, in a namespace of its own.
+
+    Its data lives in the stand-in's process, so it outlives the process that opened it.
+    """
+    kwargs = {
+        "namespace": new_kube_namespace(),
+        "kubeconfig": str(server.kubeconfig),
+        "watch_timeout": 5.0,
+    }
+    return StoreSpec("kubernetes", kwargs)
 
 
 async def new_postgres_schema(base: PostgresSettings, *, migrate: bool = True) -> PostgresSettings:

@@ -147,6 +147,29 @@ async def collect(
     return events
 
 
+async def watch_objects(
+    custom: client.CustomObjectsApi,
+    namespace: str,
+    plural: str,
+    resource_version: str,
+    done: Callable[[list[dict[str, Any]]], bool],
+) -> list[dict[str, Any]]:
+    """Watch *plural* in *namespace* from *resource_version* until *done* says enough."""
+    async with watch.Watch() as stream:
+        return await collect(
+            stream.stream(
+                custom.list_namespaced_custom_object,
+                GROUP,
+                "v1",
+                namespace,
+                plural,
+                resource_version=resource_version,
+                timeout_seconds=60,
+            ),
+            done,
+        )
+
+
 def summary(events: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
     """(type, name, revision) of the events that are not bookmarks."""
     return [
@@ -780,19 +803,7 @@ async def test_delete_answers_with_the_revision_of_the_deleted_event(api):
     )
     deleted = await custom.delete_namespaced_custom_object(GROUP, "v1", ns, plural, "w")
     assert rv(deleted) > rv(created)
-    async with watch.Watch() as stream:
-        events = await collect(
-            stream.stream(
-                custom.list_namespaced_custom_object,
-                GROUP,
-                "v1",
-                ns,
-                plural,
-                resource_version=str(rv(created)),
-                timeout_seconds=60,
-            ),
-            lambda seen: True,
-        )
+    events = await watch_objects(custom, ns, plural, str(rv(created)), lambda seen: True)
     assert events[0]["type"] == "DELETED"
     assert events[0]["raw_object"] == deleted
 
@@ -971,19 +982,7 @@ async def test_one_revision_counter_and_no_op_replacements_emit_nothing(api):
     assert same == first
     first["spec"] = {"size": 2}
     changed = await custom.replace_namespaced_custom_object(GROUP, "v1", ns, plural, "w", first)
-    async with watch.Watch() as stream:
-        events = await collect(
-            stream.stream(
-                custom.list_namespaced_custom_object,
-                GROUP,
-                "v1",
-                ns,
-                plural,
-                resource_version=str(rv(first)),
-                timeout_seconds=60,
-            ),
-            lambda seen: True,
-        )
+    events = await watch_objects(custom, ns, plural, str(rv(first)), lambda seen: True)
     assert summary(events) == [("MODIFIED", "w", rv(changed))]
 
 

@@ -17,7 +17,7 @@ import attrs
 import pytest
 
 from kds.testing import StoreFactory, StoreSpec
-from tests.conftest import new_kube_namespace, new_postgres_schema
+from tests.conftest import new_kube_store_spec, new_postgres_schema
 
 if TYPE_CHECKING:
     from kds.testing.kubeapi import KubeApiServer
@@ -63,12 +63,7 @@ def _kubernetes_factory(request: pytest.FixtureRequest) -> StoreFactory:
     server: KubeApiServer = request.getfixturevalue("kube_api_server")
 
     async def new_spec() -> StoreSpec:
-        kwargs = {
-            "namespace": new_kube_namespace(),
-            "kubeconfig": str(server.kubeconfig),
-            "watch_timeout": 5.0,
-        }
-        return StoreSpec("kubernetes", kwargs)
+        return new_kube_store_spec(server)
 
     return StoreFactory("kubernetes", new_spec, durable=True)
 

@@ -44,7 +44,7 @@ from kds.sync import GlobalEngine, SyncOptions, tracking_origin
 from kds.sync.engines import GLOBAL_ORIGIN
 from kds.sync.lifecycle import zone_key
 from kds.testing import NatsServer, StoreFactory, StoreSpec
-from tests.conftest import new_kube_namespace
+from tests.conftest import new_kube_store_spec
 from tests.property.replication_model import (
     Accept,
     AwaitSessions,
@@ -166,12 +166,7 @@ def _store_factory(
         server: KubeApiServer = request.getfixturevalue("kube_api_server")
 
         async def kubernetes_spec() -> StoreSpec:
-            kwargs = {
-                "namespace": new_kube_namespace(),
-                "kubeconfig": str(server.kubeconfig),
-                "watch_timeout": 5.0,
-            }
-            return StoreSpec("kubernetes", kwargs)
+            return new_kube_store_spec(server)
 
         return StoreFactory("kubernetes", kubernetes_spec, durable=True)
     if backend == "memory":
