@@ -1008,6 +1008,11 @@ class KubernetesStore(Store):
                 self._horizon = max(self._horizon, stored)
                 return
             data["horizon"] = str(through)
+            if meta is not None:
+                # Until its first change the ConfigMap's own resourceVersion is the
+                # store's creation, the floor every opener starts its history from:
+                # keep it before this write moves the resourceVersion.
+                data.setdefault("floor", meta["metadata"]["resourceVersion"])
             try:
                 await self._write_configmap(_META_CONFIGMAP, data, meta)
             except ConflictError:
