@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import math
+import time
 import types
 from abc import abstractmethod
 from collections import deque
@@ -46,7 +48,7 @@ from kds.store import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 
     from kds.store import PreparedChange, Tracking
 
@@ -444,7 +446,12 @@ class LogStore(Store):
         self._known_head = 0
         # Decoded events of the tail, shared by the readers following it.
         self._recent = RecentEvents(_RECENT_EVENTS)
+        # Held by the one reader that fetches the tail for the others (see _read_log).
+        self._tail_lock = asyncio.Lock()
         self._changed: anyio.Event | None = None
+        # When a waiter last polled the head for commits made elsewhere: one poll per
+        # interval serves every waiter (see wait_for_commit).
+        self._polled_at = -math.inf
         self._queue: deque[Commit] = deque()
         self._writer_task: asyncio.Task[None] | None = None
         self._write_lock: anyio.Lock | None = None
@@ -493,6 +500,28 @@ class LogStore(Store):
         if head > self._known_head:
             self._known_head = head
             self._wake()
+
+    async def _read_log(
+        self, after: int, limit: int, fetch: Callable[[int, int], Awaitable[list[Event]]]
+    ) -> list[Event]:
+        """:meth:`~kds.Store.read` through the shared tail: *fetch* reads the database.
+
+        A commit wakes every follower of the tail at once (a global's session per
+        zone): each would miss the cache and query for the same events. The first
+        to miss fetches them while the others wait, and they are served from the
+        cache it filled. Readers further back have no one to share with and read
+        at once.
+        """
+        recent = self._recent.get(after, limit, self._known_head)
+        if recent is not None:
+            return recent
+        if after < self._known_head - limit:
+            return await fetch(after, limit)
+        async with self._tail_lock:
+            recent = self._recent.get(after, limit, self._known_head)
+            if recent is not None:
+                return recent
+            return await fetch(after, limit)
 
     @property
     def epoch(self) -> str:
@@ -675,12 +704,18 @@ class LogStore(Store):
                 self._changed = anyio.Event()
             changed = self._changed
             # Commits through this instance set the event at once; the timeout is
-            # only for commits by other processes or instances, found by polling.
-            with anyio.move_on_after(self._poll_interval):
+            # only for commits by other processes or instances, found by polling the
+            # head: once per interval for all waiters (a global has one per zone).
+            due = self._polled_at + self._poll_interval
+            with anyio.move_on_after(max(0.0, due - time.monotonic())):
                 await changed.wait()
             self._check_open()
             if changed.is_set():
                 continue
+            now = time.monotonic()
+            if now - self._polled_at < self._poll_interval:
+                continue  # another waiter polled meanwhile (and woke us all if it moved)
+            self._polled_at = now
             try:
                 await self.head()  # wakes every waiter of this instance if it moved
             except StoreClosedError:

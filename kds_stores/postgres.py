@@ -1102,11 +1102,11 @@ class PostgresStore(LogStore):
     async def read(self, after: int, *, limit: int = DEFAULT_READ_LIMIT) -> list[Event]:
         self._check_open()
         check_read_args(after, limit)
+        return await self._read_log(after, limit, self._fetch_events)
+
+    async def _fetch_events(self, after: int, limit: int) -> list[Event]:
         action = "reading events"
         after_arg = min(after, _MAX_BIGINT)  # no revision is higher; bigint takes no more
-        recent = self._recent.get(after, limit, self._known_head)
-        if recent is not None:
-            return recent
         rows = await self._fetch(self._sql.read, after_arg, limit, action=action)
         if rows:
             self._saw_head(rows[-1][0])

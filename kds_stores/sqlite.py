@@ -817,10 +817,10 @@ class SQLiteStore(LogStore):
     async def read(self, after: int, *, limit: int = DEFAULT_READ_LIMIT) -> list[Event]:
         self._check_open()
         check_read_args(after, limit)
+        return await self._read_log(after, limit, self._fetch_events)
+
+    async def _fetch_events(self, after: int, limit: int) -> list[Event]:
         action = "reading events"
-        recent = self._recent.get(after, limit, self._known_head)
-        if recent is not None:
-            return recent
         rows = await self._read(_READ_EVENTS, (after, limit), action)
         if rows:
             # The statement checked the horizon. The last revision read is a head

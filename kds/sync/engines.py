@@ -370,6 +370,8 @@ class GlobalEngine:
         self.refusals = 0
         """Hellos refused (authentication, version, disabled zone)."""
         self._sessions: dict[str, anyio.CancelScope] = {}
+        # Each open session's subscription id and replicator, for the insight refresh.
+        self._subscriptions: dict[str, tuple[str, Replicator]] = {}
 
     @property
     def connected_zones(self) -> list[str]:
@@ -380,6 +382,7 @@ class GlobalEngine:
         """Serve zones until cancelled; report the listening address through *task_status*."""
         async with anyio.create_task_group() as group:
             address = await group.start(self.transport.serve, self._serve)
+            group.start_soon(self._refresh_insights)
             task_status.started(address)
 
     async def _serve(self, session: Session) -> None:
@@ -489,17 +492,15 @@ class GlobalEngine:
         )
         logger.info("zone %r connected (%s)", zone, session.peer.address)
         ended: SessionEnded | None = None
+        self._subscriptions[zone] = (subscription, replicator)
         try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(self._refresh_insight, zone, subscription, replicator)
-                try:
-                    ended = await replicator.run()
-                except StoreError as exc:
-                    # The global's store failed; the zone was told and will reconnect.
-                    logger.warning("zone %r: session ended by a store failure: %s", zone, exc)
-                finally:
-                    group.cancel_scope.cancel()
+            ended = await replicator.run()
+        except StoreError as exc:
+            # The global's store failed; the zone was told and will reconnect.
+            logger.warning("zone %r: session ended by a store failure: %s", zone, exc)
         finally:
+            if self._subscriptions.get(zone, (None,))[0] == subscription:
+                del self._subscriptions[zone]
             with anyio.CancelScope(shield=True):
                 self.stats.add(replicator.stats)
                 await _say_goodbye(session, GoodbyeCode.SHUTDOWN, "the global ended the session")
@@ -532,11 +533,25 @@ class GlobalEngine:
 
         await lifecycle.update_insight(self.store, zone, start)
 
-    async def _refresh_insight(self, zone: str, subscription: str, replicator: Replicator) -> None:
+    async def _refresh_insights(self) -> None:
+        """Every ``insight_interval``, mark each open session seen: one commit for all zones.
+
+        One commit per zone would be one event per zone per interval, each waking
+        every session's sender: N^2 wake-ups per interval with N zones.
+        """
         while True:
             await anyio.sleep(self.options.insight_interval)
-            with contextlib.suppress(StoreError):
-                await self._touch(zone, subscription, replicator, disconnected=False)
+            if not self._subscriptions:
+                continue
+            now = lifecycle.now_text()
+            changes = {
+                zone: _seen(subscription, replicator, now, disconnected=False)
+                for zone, (subscription, replicator) in self._subscriptions.items()
+            }
+            try:
+                await lifecycle.update_insights(self.store, changes)
+            except StoreError as exc:  # tried again next interval
+                logger.warning("could not refresh the zones' insights: %s", exc)
 
     async def _unsubscribe(self, zone: str, subscription: str, replicator: Replicator) -> None:
         await self._touch(zone, subscription, replicator, disconnected=True)
@@ -546,17 +561,26 @@ class GlobalEngine:
     ) -> None:
         """Record that *subscription* was seen now (and ended, if *disconnected*)."""
         now = lifecycle.now_text()
-        status = lifecycle.subscription_stats(replicator.stats)
+        await lifecycle.update_insight(
+            self.store, zone, _seen(subscription, replicator, now, disconnected=disconnected)
+        )
 
-        def update(subscriptions: list[dict[str, Any]]) -> None:
-            for entry in subscriptions:
-                if entry.get("id") == subscription:
-                    entry["lastSeen"] = now
-                    entry["status"] = status
-                    if disconnected:
-                        entry["disconnectTime"] = now
 
-        await lifecycle.update_insight(self.store, zone, update)
+def _seen(
+    subscription: str, replicator: Replicator, now: str, *, disconnected: bool
+) -> Callable[[list[dict[str, Any]]], None]:
+    """A change to a subscription list: *subscription* seen at *now* (and ended)."""
+    status = lifecycle.subscription_stats(replicator.stats)
+
+    def update(subscriptions: list[dict[str, Any]]) -> None:
+        for entry in subscriptions:
+            if entry.get("id") == subscription:
+                entry["lastSeen"] = now
+                entry["status"] = status
+                if disconnected:
+                    entry["disconnectTime"] = now
+
+    return update
 
 
 # -- the zone ---------------------------------------------------------------------------

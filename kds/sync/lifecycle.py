@@ -4,10 +4,10 @@ A Zone (``spec.enabled``) is created the first time a zone connects. Its ZoneIns
 keeps the last :data:`MAX_SUBSCRIPTIONS` sessions ("subscriptions"): when each
 connected and disconnected, which global instance served it, the zone's instance
 and version, and counters of what was sent, acknowledged and rejected per type.
-A connected session refreshes its ``lastSeen`` every ``insight_interval``, so a
-zone is Online only while a session is open *and* recently seen: a global that
-crashed without closing its subscriptions leaves no zone Online for longer than
-the liveness window.
+The global refreshes every connected session's ``lastSeen`` every
+``insight_interval`` (all zones in one commit), so a zone is Online only while a
+session is open *and* recently seen: a global that crashed without closing its
+subscriptions leaves no zone Online for longer than the liveness window.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ __all__ = [
     "is_online",
     "subscription_stats",
     "update_insight",
+    "update_insights",
     "zone_key",
 ]
 
@@ -101,21 +102,38 @@ async def update_insight(
     A read-modify-write with the expected version, retried when another writer
     (another global instance) got there first; keeps the newest subscriptions.
     """
-    key = insight_key(zone)
+    await update_insights(store, {zone: change})
+
+
+async def update_insights(
+    store: Store, changes: Mapping[str, Callable[[list[dict[str, Any]]], None]]
+) -> None:
+    """:func:`update_insight` for several zones at once, in one commit.
+
+    A global refreshes every connected zone's insight together: one commit, hence
+    one event batch waking each session once, rather than one per zone.
+    """
+    keys = {zone: insight_key(zone) for zone in changes}
     for _ in range(_ATTEMPTS):
-        existing = await store.find(key)
-        subscriptions = [
-            dict(s) for s in (existing.spec.get("subscriptions", ()) if existing else ())
-        ]
-        change(subscriptions)
-        spec = {"subscriptions": subscriptions[-MAX_SUBSCRIPTIONS:]}
-        expected = existing.version if existing is not None else MUST_NOT_EXIST
+        existing = await store.find_many(keys.values())
+        upserts = []
+        for zone, change in changes.items():
+            key = keys[zone]
+            stored = existing.get(key)
+            subscriptions = [
+                dict(s) for s in (stored.spec.get("subscriptions", ()) if stored else ())
+            ]
+            change(subscriptions)
+            spec = {"subscriptions": subscriptions[-MAX_SUBSCRIPTIONS:]}
+            expected = stored.version if stored is not None else MUST_NOT_EXIST
+            upserts.append(Upsert(key=key, spec=spec, expected_version=expected))
         try:
-            await store.commit([Upsert(key=key, spec=spec, expected_version=expected)])
+            await store.commit(upserts)
         except ConflictError:
             continue
         return
-    raise ConflictError(f"the ZoneInsight of {zone!r} kept changing; gave up updating it")
+    zones = ", ".join(repr(zone) for zone in changes)
+    raise ConflictError(f"the ZoneInsight of {zones} kept changing; gave up updating it")
 
 
 def subscription_stats(stats: StreamStats) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import logging
 import re
+import time
 from collections import Counter, deque
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -83,10 +84,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _READ_LIMIT: Final = 1000  # events read from the store per page
-_CURSOR_DELAY: Final = 0.05
-"""Seconds the log must stay quiet before a batch that only moves the peer's cursor."""
 _CURSOR_LAG: Final = 10 * _READ_LIMIT
-"""Events the peer's cursor may lag behind while the log keeps moving (then it is moved)."""
+"""Events the peer's cursor may lag behind before a batch that only moves it goes at once.
+
+Otherwise such a batch goes when a heartbeat is due (in the Ping's place): see
+:meth:`Replicator._outbound_loop`."""
+_CURSOR_EARLY: Final = 0.9
+"""Fraction of the heartbeat interval after the peer's cursor last moved at which a
+pending move is sent: no later than a Ping would be, so that it takes the Ping's place."""
 _INBOX_FRAMES: Final = 16
 """Received frames decoded ahead of the one being applied.
 
@@ -314,10 +319,14 @@ class Replicator:
         self._options = options
         self._frame_limit = min(max_frame_size, session.max_frame_size)
         self._name = name
-        self._send_lock = anyio.Lock()
-        self._acked = anyio.Event()
+        # Taken for every frame; uncontended almost always, and _send checkpoints anyway.
+        self._send_lock = anyio.Lock(fast_acquire=True)
+        self._acked: anyio.Event | None = None  # created by a sender waiting for the window
         self._pending: deque[_Pending] = deque()
-        self._last_sent = self._last_received = anyio.current_time()
+        # time.monotonic() rather than anyio.current_time(): read for every frame, and
+        # only ever compared with itself.
+        self._last_sent = self._last_received = time.monotonic()
+        self._batch_sent_at = self._last_sent  # the last Batch or Reset: the peer's cursor moved
         self._nonces = itertools.count(1)
         self._reset_chunks: list[Resource] = []
         self._peer_goodbye: Goodbye | None = None
@@ -376,7 +385,7 @@ class Replicator:
                 await self._session.send(data)
             except SessionClosedError as exc:
                 raise SessionEnded(exc.reason, by_peer=exc.by_peer) from exc
-            self._last_sent = anyio.current_time()
+            self._last_sent = time.monotonic()
             self.stats.bytes_sent += len(data)
 
     async def _goodbye(self, code: GoodbyeCode, reason: str) -> None:
@@ -407,7 +416,7 @@ class Replicator:
                 # What arrived before the end is still applied (and not sent again).
                 await self._inbox_in.send(SessionEnded(exc.reason, by_peer=exc.by_peer))
                 await anyio.sleep_forever()
-            self._last_received = anyio.current_time()
+            self._last_received = time.monotonic()
             self.stats.bytes_received += len(data)
             try:
                 frame = decode_frame(data, catalog=self._catalog)
@@ -451,8 +460,9 @@ class Replicator:
                 )
         self.stats.rejected.update(rejected)
         self.stats.acknowledged.update(pending.types - rejected)
-        self._acked.set()
-        self._acked = anyio.Event()
+        if self._acked is not None:
+            self._acked.set()
+            self._acked = None
 
     def _accept(
         self, key: ResourceKey, labels: Mapping[str, str]
@@ -480,9 +490,9 @@ class Replicator:
         One :meth:`~kds.Store.find_versions` for the whole list.
         """
         accepted = [self._accept(key, labels) for key, labels in items]
-        existing = await self._store.find_versions(
-            [result[0] for result in accepted if not isinstance(result, str)]
-        )
+        keys = [result[0] for result in accepted if not isinstance(result, str)]
+        # A batch that only moves the cursor reads nothing.
+        existing = await self._store.find_versions(keys) if keys else {}
         owned = self._direction.inbound.owned_labels.items()
         resolved: list[tuple[ResourceKey, dict[str, str], int] | str] = []
         for result in accepted:
@@ -630,27 +640,41 @@ class Replicator:
         outbound = self._direction.outbound
         position = await self._start()
         sent_position = position
+        # Whether the last read reached the head: then wait for a commit rather than
+        # read an empty page (with every session of a global doing so after each
+        # change, those reads would cost more than the change).
+        caught_up = False
         while True:
+            if caught_up:
+                if position > sent_position:
+                    # Caught up after events the peer does not get: its cursor (what
+                    # it resumes from) lags. Move it with one empty batch at most once
+                    # per heartbeat interval (in an idle session, in the Ping's place)
+                    # -- not after every such event. Each empty batch costs the peer a
+                    # commit, and such events come from every side: a zone applying
+                    # the global's batches logs copies it never sends back, and every
+                    # ZoneInsight refresh on the global is an event no zone gets.
+                    # Moved at once, a global with N zones would commit N cursors per
+                    # change it sends. A lagging cursor only makes a reconnect re-read
+                    # (and skip) those events.
+                    interval = self._options.heartbeat_interval
+                    due = self._batch_sent_at + _CURSOR_EARLY * interval
+                    with anyio.move_on_after(max(0.0, due - time.monotonic())) as wait:
+                        await store.wait_for_commit(position)
+                    if wait.cancelled_caught:
+                        await self._send_batches([], position)
+                        sent_position = position
+                        continue  # still caught up
+                else:
+                    await store.wait_for_commit(position)
+                caught_up = False
             try:
                 events = await store.read(position, limit=_READ_LIMIT)
             except CompactedError:
                 position = sent_position = await self._send_reset()
                 continue
             if not events:
-                if position > sent_position:
-                    # Caught up after events the peer does not get: move its cursor
-                    # (what it resumes from) with one empty batch -- once the log has
-                    # been quiet for a moment, not after every such event: each empty
-                    # batch costs the peer a commit, and a zone applying a burst from
-                    # the global would otherwise echo one per batch it applied.
-                    with anyio.move_on_after(_CURSOR_DELAY):
-                        await store.wait_for_commit(position)
-                    if await store.head() > position:
-                        continue  # more events came: read them first
-                    await self._send_batches([], position)
-                    sent_position = position
-                    continue
-                await store.wait_for_commit(position)
+                caught_up = True
                 continue
             for event in events:
                 reason = outbound.ends_session(event)
@@ -664,6 +688,7 @@ class Replicator:
             if mapped or position - sent_position >= _CURSOR_LAG:
                 await self._send_batches(mapped, position)
                 sent_position = position
+            caught_up = len(events) < _READ_LIMIT
 
     async def _start(self) -> int:
         """Where the outbound stream starts: after the peer's cursor, or after a reset."""
@@ -681,6 +706,8 @@ class Replicator:
 
     async def _wait_for_window(self) -> None:
         while len(self._pending) >= self._options.window:
+            if self._acked is None:
+                self._acked = anyio.Event()
             await self._acked.wait()
 
     async def _send_batches(self, events: Sequence[Event], revision: int) -> None:
@@ -697,6 +724,7 @@ class Replicator:
             self._pending.append(_Pending(frame.revision, types, keys))
             self.stats.sent.update(types)
             await self._send(frame)
+            self._batch_sent_at = time.monotonic()
 
     async def _send_reset(self) -> int:
         snapshot = await self._store.snapshot()
@@ -719,6 +747,7 @@ class Replicator:
         self.stats.resets_sent += 1
         for frame in frames:
             await self._send(frame)
+        self._batch_sent_at = time.monotonic()
         return revision
 
     # -- heartbeats ------------------------------------------------------------------
@@ -727,7 +756,7 @@ class Replicator:
         interval = self._options.heartbeat_interval
         timeout = self._options.heartbeat_timeout
         while True:
-            now = anyio.current_time()
+            now = time.monotonic()
             silent = now - self._last_received
             if silent > timeout:
                 raise await self._fail(
@@ -737,7 +766,7 @@ class Replicator:
             if now - self._last_sent >= interval:
                 await self._send(Ping(nonce=next(self._nonces)))
             wake = min(self._last_sent + interval, self._last_received + timeout)
-            await anyio.sleep(max(0.0, wake - anyio.current_time()) + 0.001)
+            await anyio.sleep(max(0.0, wake - time.monotonic()) + 0.001)
 
 
 def _peer_ended(goodbye: Goodbye) -> SessionEnded:

@@ -89,15 +89,23 @@ class FrameQueue:
     def __init__(self, capacity: int) -> None:
         self._messages: deque[bytes] = deque()
         self._capacity = max(capacity, 1)
-        self._wakeup = anyio.Event()
+        # Created by a task about to wait, set and dropped by the next change: a
+        # change nobody waits for (the usual case) costs no event.
+        self._wakeup: anyio.Event | None = None
         self.finished = False
         """No more messages will be put; :meth:`get` drains the queue, then returns ``None``."""
         self.abandoned = False
         """Nobody will take messages any more: queued ones were dropped."""
 
     def _changed(self) -> None:
-        self._wakeup.set()
-        self._wakeup = anyio.Event()
+        if self._wakeup is not None:
+            self._wakeup.set()
+            self._wakeup = None
+
+    async def _wait(self) -> None:
+        if self._wakeup is None:
+            self._wakeup = anyio.Event()
+        await self._wakeup.wait()
 
     async def put(self, message: bytes) -> bool:
         """Queue *message*, waiting while the queue is full; ``False`` if refused."""
@@ -109,7 +117,7 @@ class FrameQueue:
                 self._messages.append(message)
                 self._changed()
                 return True
-            await self._wakeup.wait()
+            await self._wait()
 
     def take(self, limit: int) -> bytes | None:
         """The next message if it is no longer than *limit* bytes, without waiting."""
@@ -131,7 +139,7 @@ class FrameQueue:
                 return message
             if self.finished:
                 return None
-            await self._wakeup.wait()
+            await self._wait()
 
     def finish(self) -> None:
         """Refuse further puts; what is queued can still be taken."""

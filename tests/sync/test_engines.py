@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import attrs
 import pytest
 
 from kds import ResourceKey, Upsert
@@ -29,15 +32,16 @@ from kds.protocol import (
 from kds.resource import Resource, ResourceType, Scope, SyncFlag, hashed_name
 from kds.store import Delete, Upserted
 from kds.sync import GlobalEngine, SyncOptions, ZoneEngine, lifecycle
+from kds.sync.engines import GLOBAL_ORIGIN, tracking_origin
 from kds.sync.lifecycle import insight_key, zone_key
 from kds.testing import MemoryStore, MemoryTransport
 from kds.testing.checks import capture
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Callable, Sequence
 
     from kds.resource import Catalog
-    from kds.store import Store
+    from kds.store import Change, Store, Tracking
     from kds.transport import Session
 
 pytestmark = pytest.mark.anyio
@@ -86,9 +90,9 @@ async def store_with(*changes: Upsert, catalog: Catalog = DEFAULT_CATALOG) -> Me
 
 @contextlib.asynccontextmanager
 async def running_global(
-    store: Store, transport: MemoryTransport, **kwargs: Any
+    store: Store, transport: MemoryTransport, *, options: SyncOptions = FAST, **kwargs: Any
 ) -> AsyncIterator[GlobalEngine]:
-    engine = GlobalEngine(store, transport, options=FAST, **kwargs)
+    engine = GlobalEngine(store, transport, options=options, **kwargs)
     async with anyio.create_task_group() as group:
         await group.start(engine.run)
         yield engine
@@ -97,9 +101,14 @@ async def running_global(
 
 @contextlib.asynccontextmanager
 async def running_zone(
-    store: Store, transport: MemoryTransport, zone: str, **kwargs: Any
+    store: Store,
+    transport: MemoryTransport,
+    zone: str,
+    *,
+    options: SyncOptions = FAST,
+    **kwargs: Any,
 ) -> AsyncIterator[ZoneEngine]:
-    engine = ZoneEngine(store, transport.with_identity(zone), zone=zone, options=FAST, **kwargs)
+    engine = ZoneEngine(store, transport.with_identity(zone), zone=zone, options=options, **kwargs)
     async with anyio.create_task_group() as group:
         group.start_soon(engine.run)
         yield engine
@@ -108,6 +117,29 @@ async def running_zone(
 
 async def names(store: Store, type_name: str) -> set[str]:
     return {r.key.name for r in await store.list_resources(type_name)}
+
+
+async def names_include(store: Store, name: str) -> bool:
+    return name in await names(store, "MeshTimeout")
+
+
+def record_commits(
+    monkeypatch: pytest.MonkeyPatch, store: MemoryStore
+) -> list[tuple[list[ResourceKey], str | None]]:
+    """What each later commit to *store* carries: its keys and its tracking origin."""
+    commits: list[tuple[list[ResourceKey], str | None]] = []
+    commit = MemoryStore.commit
+
+    async def recording(
+        self: MemoryStore, changes: Sequence[Change], *, tracking: Tracking | None = None
+    ) -> int:
+        if self is store:
+            origin = None if tracking is None else tracking.origin
+            commits.append(([change.key for change in changes], origin))
+        return await commit(self, changes, tracking=tracking)
+
+    monkeypatch.setattr(MemoryStore, "commit", recording)
+    return commits
 
 
 # -- authority ----------------------------------------------------------------------
@@ -431,6 +463,71 @@ async def test_resume_sends_only_what_was_missed_and_compaction_forces_one_reset
     assert sum(reset.received.values()) == RESOURCES - 1 + 1  # the timeouts and the Mesh
     # Resuming costs what was missed, not what exists.
     assert resumed.bytes_received < reset.bytes_received / 100
+
+
+async def test_a_zone_moves_the_globals_cursor_once_per_heartbeat_not_per_change(monkeypatch):
+    # Every batch a zone applies logs copies it never sends back, so its cursor in
+    # the global lags after each; a move costs the global a commit. With N zones,
+    # one move per change would be N global commits per change.
+    options = attrs.evolve(
+        FAST, heartbeat_interval=2.0, heartbeat_timeout=10.0, insight_interval=60.0
+    )
+    transport = MemoryTransport()
+    global_store = await store_with()
+    commits = record_commits(monkeypatch, global_store)
+    zone_store = await store_with()
+    origin = tracking_origin("zone-1")
+    async with (
+        running_global(global_store, transport, options=options),
+        running_zone(zone_store, transport, "zone-1", options=options) as zone,
+    ):
+        await wait_for(lambda: zone.connected, "connected")
+        commits.clear()
+        started = time.monotonic()
+        for number in range(10):
+            await global_store.commit([mesh_timeout(f"t{number}")])
+            copy = hashed_name("default", f"t{number}")
+            await wait_for(
+                functools.partial(names_include, zone_store, copy), f"t{number} in the zone"
+            )
+            # Workload shape, not synchronisation: the zone's log falls quiet after each
+            # change, which is when the engines used to move the cursor at once.
+            await anyio.sleep(0.1)
+        elapsed = time.monotonic() - started
+        moves = [keys for keys, tracked in commits if tracked == origin]
+        assert len(moves) <= 1 + elapsed / (0.9 * options.heartbeat_interval), moves
+
+        # It still moves, within a heartbeat interval: a reconnect resumes from here.
+        async def moved() -> bool:
+            return await global_store.tracking(origin) == await zone_store.cursor()
+
+        await wait_for(moved, "the global's cursor in the zone's log at its head")
+        assert await zone_store.tracking(GLOBAL_ORIGIN) == await global_store.cursor()
+
+
+async def test_the_global_refreshes_every_connected_zones_insight_in_one_commit(monkeypatch):
+    # One commit per zone would wake every zone's session once per zone per interval.
+    transport = MemoryTransport()
+    global_store = await store_with()
+    commits = record_commits(monkeypatch, global_store)
+    zones = ("zone-1", "zone-2", "zone-3")
+    insights = {insight_key(zone) for zone in zones}
+    async with (
+        running_global(global_store, transport) as engine,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        for zone in zones:
+            await stack.enter_async_context(running_zone(await store_with(), transport, zone))
+        await wait_for(lambda: len(engine.connected_zones) == len(zones), "all connected")
+        commits.clear()
+
+        def refreshed_together() -> int:
+            return sum(insights <= set(keys) for keys, _ in commits)
+
+        await wait_for(lambda: refreshed_together() >= 3, "three refreshes of all insights")
+    for zone in zones:
+        insight = await global_store.get(insight_key(zone))
+        assert insight.spec["subscriptions"][-1]["lastSeen"] is not None
 
 
 # -- lifecycle ------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from kds import (
     Cursor,
     Delete,
     Deleted,
+    Event,
     NotFoundError,
     Resource,
     ResourceKey,
@@ -307,6 +308,75 @@ async def test_commits_through_the_same_instance_wake_waiters_without_polling(pa
                 assert not woken.is_set()
                 await store.commit([Upsert(key=dataplane("a"))])
                 await woken.wait()
+
+
+async def test_followers_woken_by_a_commit_share_one_read_of_it(path, monkeypatch):
+    # A global follows its log with one session per zone: a commit wakes them all at
+    # once, and one query serves them all.
+    fetches: list[int] = []
+    fetch_events = SQLiteStore._fetch_events
+
+    async def counting(self, after, limit):
+        fetches.append(after)
+        return await fetch_events(self, after, limit)
+
+    monkeypatch.setattr(SQLiteStore, "_fetch_events", counting)
+    async with SQLiteStore(path, poll_interval=3600) as store:
+        head = await store.commit([Upsert(key=dataplane("a"))])
+        pages: list[list[Event]] = []
+
+        async def follower() -> None:
+            await store.wait_for_commit(head)
+            pages.append(await store.read(head))
+
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as group:
+                for _ in range(50):
+                    group.start_soon(follower)
+                await anyio.wait_all_tasks_blocked()
+                fetches.clear()
+                await store.commit([Upsert(key=dataplane("b"))])
+    assert len(pages) == 50
+    assert all(page == pages[0] for page in pages)
+    assert [event.key for event in pages[0]] == [dataplane("b")]
+    assert fetches == [head]
+
+
+async def test_waiters_share_one_poll_of_the_head(path, monkeypatch):
+    # Commits by another instance are found by polling the head: once per interval
+    # for all waiters, not once per waiter.
+    polls: list[float] = []
+    head_of = SQLiteStore.head
+
+    async def counting(self):
+        polls.append(anyio.current_time())
+        return await head_of(self)
+
+    interval = 0.05
+    async with (
+        SQLiteStore(path, poll_interval=interval) as follower,
+        SQLiteStore(path, poll_interval=3600) as writer,
+    ):
+        head = await follower.head()
+        monkeypatch.setattr(SQLiteStore, "head", counting)
+        woken: list[int] = []
+
+        async def waiter() -> None:
+            await follower.wait_for_commit(head)
+            woken.append(await follower.head())
+
+        with anyio.fail_after(DEADLINE):
+            async with anyio.create_task_group() as group:
+                started = anyio.current_time()
+                for _ in range(50):
+                    group.start_soon(waiter)
+                # Not synchronisation: the waiters wait this long, and are counted.
+                await anyio.sleep(10 * interval)
+                waited = anyio.current_time() - started
+                idle_polls = len(polls)
+                revision = await writer.commit([Upsert(key=dataplane("a"))])
+    assert woken == [revision] * 50
+    assert 1 <= idle_polls <= 2 + waited / interval
 
 
 async def test_closing_ends_waiters_with_store_closed(path):
