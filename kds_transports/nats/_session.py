@@ -366,8 +366,14 @@ class NatsSession(Session):
         self._last_sent = self._clock()
         try:
             # No await before nats-py queues the message: see the module's docstring.
+            # The reply subject is this end's own: when nobody subscribes to the send
+            # subject any more (the peer's connection is gone: a killed global, or a
+            # zone), NATS answers the message with "no responders" there at once,
+            # rather than the session waiting for the keepalive timeout.
             await self._connection.client.publish(
-                self._send_subject, wire.encode(kind, sequence, body)
+                self._send_subject,
+                wire.encode(kind, sequence, body),
+                reply=self._receive_subject,
             )
         except Exception as exc:
             self._lose(f"cannot publish to NATS ({describe(exc)})")
@@ -389,10 +395,18 @@ class NatsSession(Session):
         data = message.data
         if not data and message.headers:
             # A status message from the server: "503" answers a connect request
-            # that no global subscribed to.
-            if self._answered is not None and message.headers.get("Status") == "503":
+            # that no global subscribed to, or a message on the session's subject
+            # that nobody subscribes to any more.
+            if message.headers.get("Status") != "503":
+                return
+            if self._answered is not None and self._answer is None:
                 self._answer_with(
                     f"no global is serving on {self._connect_subject} (NATS has no responders)"
+                )
+            else:
+                self._lose(
+                    f"{self._peer_name} is gone: nobody subscribes to {self._send_subject} "
+                    "any more (NATS has no responders)"
                 )
             return
         kind, sequence, body = wire.decode(data)
