@@ -1337,13 +1337,18 @@ async def run_transport(
         await cluster.start_workers()
         await phase_fanout(cluster, settings, report, bar)
         await phase_catchup(cluster, settings, report, bar)
-    reconnect = directory / "reconnect"
-    if not reconnect.exists():
-        started = time.monotonic()
-        report.notes.append(
-            await prepare_copies(reconnect, kind, settings, settings.resources, nats_url, bar)
-        )
-        report.preparation += time.monotonic() - started
+
+    async def prepared(name: str, resources: int) -> Path:
+        """Stores with *resources* resources everywhere: made once, for every transport."""
+        path = directory / name
+        if not path.exists():
+            started = time.monotonic()
+            note = await prepare_copies(path, kind, settings, resources, nats_url, bar)
+            report.notes.append(note)
+            report.preparation += time.monotonic() - started
+        return path
+
+    reconnect = await prepared("reconnect", settings.resources)
     async with open_cluster(reconnect, kind, settings.workers, nats_url) as cluster:
         await cluster.start_global()
         await cluster.start_workers()
@@ -1351,13 +1356,7 @@ async def run_transport(
             (zone_name(n) for n in count_from(1, zones)), "sqlite", watch=True
         )
         await phase_reconnect(cluster, settings, report, bar)
-    rss = directory / "rss"
-    if not rss.exists():
-        started = time.monotonic()
-        report.notes.append(
-            await prepare_copies(rss, kind, settings, settings.rss_resources, nats_url, bar)
-        )
-        report.preparation += time.monotonic() - started
+    rss = await prepared("rss", settings.rss_resources)
     async with open_cluster(rss, kind, settings.workers, nats_url) as cluster:
         await phase_rss(cluster, settings, report, bar)
 
