@@ -99,7 +99,7 @@ from kds_transports.grpc import GrpcTransport
 from kds_transports.nats import NatsTransport
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
     from anyio.abc import Process, TaskGroup, TaskStatus
 
@@ -167,6 +167,17 @@ async def _commands() -> AsyncIterator[list[str]]:
             return
         if line.strip():
             yield line.split()
+
+
+async def _obey(handle: Callable[[list[str]], Awaitable[list[object]]]) -> None:
+    """Answer each command with ``ok FIELDS...`` or ``error REASON``, until stdin closes."""
+    async for command in _commands():
+        try:
+            fields = await handle(command)
+        except Exception as exc:  # reported to the coordinator, which stops
+            _reply("error", f"{type(exc).__name__}: {exc}")
+        else:
+            _reply("ok", *fields)
 
 
 def _child_main(role: str, function: Callable[..., Any], *args: object) -> NoReturn:
@@ -256,13 +267,7 @@ async def run_global(directory: Path, kind: str, listen: str) -> None:
         async with anyio.create_task_group() as group:
             address = await group.start(engine.run)
             _reply("listening", address)
-            async for command in _commands():
-                try:
-                    fields = await commands.handle(command)
-                except Exception as exc:  # reported to the coordinator, which stops
-                    _reply("error", f"{type(exc).__name__}: {exc}")
-                else:
-                    _reply("ok", *fields)
+            await _obey(commands.handle)
             group.cancel_scope.cancel()
 
 
@@ -400,13 +405,7 @@ async def run_worker(directory: Path, kind: str, address: str) -> None:
     """A worker: hosts zones as the coordinator tells it, until its stdin closes."""
     async with anyio.create_task_group() as group:
         worker = _Worker(directory, kind, address, group)
-        async for command in _commands():
-            try:
-                fields = await worker.handle(command)
-            except Exception as exc:  # reported to the coordinator, which stops
-                _reply("error", f"{type(exc).__name__}: {exc}")
-            else:
-                _reply("ok", *fields)
+        await _obey(worker.handle)
         group.cancel_scope.cancel()
 
 
