@@ -12,7 +12,8 @@ session and the rules this module enforces.
   ignores map keys it does not know and elements past the end of a row, which is
   how a newer peer adds optional fields without breaking an older one.
 * :func:`batch_frames` and :func:`reset_frames` split events and snapshots into
-  frames under a size limit.
+  frames under a size limit; :func:`pack_resource` and :func:`encode_reset` let a
+  sender encode each resource of a snapshot once, however many peers it goes to.
 * :func:`negotiate` picks the protocol version and features from a Hello.
 * :class:`ProtocolChecker` validates the order of the frames one side sends and
   receives, before anything is applied.
@@ -29,7 +30,7 @@ import enum
 import itertools
 import math
 from collections import deque
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Final, TypeAlias, TypeVar, cast, get_args, get_origin
 
@@ -69,7 +70,9 @@ __all__ = [
     "batch_frames",
     "decode_frame",
     "encode_frame",
+    "encode_reset",
     "negotiate",
+    "pack_resource",
     "reset_frames",
 ]
 
@@ -762,6 +765,54 @@ def encode_frame(frame: Frame) -> bytes:
         raise ValueError(f"cannot encode {type(frame).__name__} frame: {exc}") from exc
 
 
+def pack_resource(resource: Resource) -> bytes:
+    """*resource* as a Reset frame's row, msgpack-encoded.
+
+    With :func:`encode_reset`, a sender that sends one resource in many frames (a
+    snapshot shared by many sessions) encodes it once.
+
+    Raises:
+        ValueError: the resource holds something msgpack cannot represent; the
+            message names it.
+    """
+    try:
+        return msgpack.packb(_wire_resource(resource), use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"cannot encode resource {resource.key}: {exc}") from exc
+
+
+def encode_reset(frame: Reset, packed: Callable[[Resource], bytes]) -> bytes:
+    """Encode *frame* as :func:`encode_frame` does, its rows taken from *packed*.
+
+    Args:
+        frame: the Reset frame.
+        packed: each resource's row as :func:`pack_resource` encodes it (kept by
+            the caller: this only joins bytes).
+
+    Raises:
+        ValueError: from *packed*.
+    """
+    packer = msgpack.Packer(use_bin_type=True)
+    pack = packer.pack
+    # The map encode_frame writes, key for key in the same order, with the rows
+    # spliced in where its resources array goes.
+    head = [
+        packer.pack_map_header(6),
+        pack("kind"),
+        pack("reset"),
+        pack("epoch"),
+        pack(frame.epoch),
+        pack("revision"),
+        pack(frame.revision),
+        pack("index"),
+        pack(frame.index),
+        pack("resources"),
+        packer.pack_array_header(len(frame.resources)),
+    ]
+    rows = [packed(resource) for resource in frame.resources]
+    return b"".join([*head, *rows, pack("final"), pack(frame.final)])
+
+
 def decode_frame(data: bytes, *, catalog: Catalog = DEFAULT_CATALOG) -> Frame:
     """Decode one frame, checking every field's type and the frame's own invariants.
 
@@ -937,45 +988,67 @@ def _array_header_size(count: int) -> int:
     return 3 if count < 2**16 else 5
 
 
-def _packed_sizes(
-    items: Sequence[_T], wire: Callable[[_T], object], describe: Callable[[_T], str]
-) -> list[int]:
-    """The size of each of *items* encoded as *wire* writes it, in a frame's array."""
+def _packed_size(
+    wire: Callable[[_T], object], describe: Callable[[_T], str]
+) -> Callable[[_T], int]:
+    """The size of an item encoded as *wire* writes it; a ValueError naming it if it cannot be."""
     pack = msgpack.Packer(use_bin_type=True).pack
-    sizes = []
-    for item in items:
+
+    def size(item: _T) -> int:
         try:
-            sizes.append(len(pack(wire(item))))
+            return len(pack(wire(item)))
         except (TypeError, ValueError, OverflowError) as exc:
-            # Leaves the packer with a partial item: it is not used again.
+            # Leaves the packer with a partial item: the caller stops here.
             raise ValueError(f"cannot encode {describe(item)}: {exc}") from exc
-    return sizes
+
+    return size
 
 
-def _split(
-    sizes: Sequence[int],
-    envelope: int,
+def _runs(
+    items: Iterable[_T],
+    size_of: Callable[[_T], int],
+    envelope: Callable[[int], int],
     max_frame_size: int,
-    describe: Callable[[int], str],
-) -> list[range]:
-    """Split items of *sizes* into consecutive runs that fit in a frame with *envelope*.
+    *,
+    describe_alone: Callable[[_T], str],
+) -> Iterator[list[_T]]:
+    """Split *items* into consecutive runs that each fit in a frame, lazily.
 
-    *envelope* is the size of the frame with an empty array where the items go.
+    Each item is sized only when its run is made, and a run is yielded as soon as
+    the next item does not fit: a caller sending each run before asking for the
+    next holds one frame's items at a time, however many there are (a snapshot of
+    the whole store). At least one run: an empty one when there are no items.
+
+    Args:
+        items: what the frames carry, in order.
+        size_of: an item's size, encoded as the frame's array holds it.
+        envelope: the size of frame number *n* (from 0) with an empty array where
+            the items go.
+        max_frame_size: the limit, in bytes.
+        describe_alone: names an item too large for a frame of its own.
+
+    Raises:
+        ValueError: an item cannot be encoded (from *size_of*).
+        FrameTooLargeError: an item does not fit in a frame of its own.
     """
-    runs: list[range] = []
-    start, total = 0, 0
-    for index, size in enumerate(sizes):
-        alone = envelope - 1 + _array_header_size(1) + size
-        if alone > max_frame_size:
-            raise FrameTooLargeError(alone, max_frame_size, what=describe(index))
-        count = index - start + 1
-        if count > 1 and envelope - 1 + _array_header_size(count) + total + size > max_frame_size:
-            runs.append(range(start, index))
-            start, total = index, 0
+    number = 0
+    empty = envelope(number)
+    run: list[_T] = []
+    total = 0
+    for item in items:
+        size = size_of(item)
+        if run and empty - 1 + _array_header_size(len(run) + 1) + total + size > max_frame_size:
+            yield run
+            number += 1
+            empty = envelope(number)
+            run, total = [], 0
+        if not run:
+            alone = empty - 1 + _array_header_size(1) + size
+            if alone > max_frame_size:
+                raise FrameTooLargeError(alone, max_frame_size, what=describe_alone(item))
+        run.append(item)
         total += size
-    if start < len(sizes) or not runs:
-        runs.append(range(start, len(sizes)))
-    return runs
+    yield run
 
 
 def batch_frames(
@@ -1020,26 +1093,29 @@ def batch_frames(
         raise ValueError(f"revision {revision} is before the last event's revision {last}")
     if revision < 1:
         raise ValueError(f"revision must be >= 1, got {revision}")
-    sizes = _packed_sizes(
-        events, _wire_event, lambda event: f"the event at revision {event.revision}"
-    )
     # The largest revision any chunk carries: msgpack integers never shrink as they grow.
     envelope = len(encode_frame(Batch(epoch=epoch, events=(), revision=revision)))
-
-    def describe(index: int) -> str:
-        event = events[index]
-        return (
-            f"{type(event).__name__} event of {event.key} at revision {event.revision} "
-            "(a Batch frame holding only it)"
+    runs = list(
+        _runs(
+            events,
+            _packed_size(_wire_event, lambda event: f"the event at revision {event.revision}"),
+            lambda _: envelope,
+            max_frame_size,
+            describe_alone=lambda event: (
+                f"{type(event).__name__} event of {event.key} at revision {event.revision} "
+                "(a Batch frame holding only it)"
+            ),
         )
-
-    runs = _split(sizes, envelope, max_frame_size, describe)
+    )
     frames = []
     for number, run in enumerate(runs):
-        chunk = tuple(events[index] for index in run)
         is_last = number == len(runs) - 1
         frames.append(
-            Batch(epoch=epoch, events=chunk, revision=revision if is_last else chunk[-1].revision)
+            Batch(
+                epoch=epoch,
+                events=tuple(run),
+                revision=revision if is_last else run[-1].revision,
+            )
         )
     return frames
 
@@ -1047,50 +1123,70 @@ def batch_frames(
 def reset_frames(
     epoch: str,
     revision: int,
-    resources: Sequence[Resource],
+    resources: Iterable[Resource],
     *,
     max_frame_size: int,
-) -> list[Reset]:
+    packed: Callable[[Resource], bytes] | None = None,
+) -> Iterator[Reset]:
     """Split a snapshot into Reset frames that each encode to at most *max_frame_size* bytes.
 
-    Always at least one frame (an empty snapshot is one empty, final frame); the
-    frames are numbered from 0 and only the last is final.
+    Lazily: a frame's resources are taken from *resources* (and encoded to size
+    them) only as that frame is made, so a sender that sends each frame before
+    asking for the next holds one frame at a time -- *resources* may itself be a
+    generator mapping a snapshot for the peer. Always at least one frame (an empty
+    snapshot is one empty, final frame); the frames are numbered from 0 and only
+    the last is final.
 
     Args:
         epoch: the sender's log epoch.
         revision: the revision the snapshot is consistent with.
         resources: the snapshot's resources, each key once.
         max_frame_size: the limit, in bytes (see :func:`batch_frames`).
+        packed: a resource's row as :func:`pack_resource` encodes it, when the
+            caller keeps them (to encode the frames with :func:`encode_reset`).
 
     Raises:
         FrameTooLargeError: one resource alone does not fit in a frame; the
-            message names it.
-        ValueError: a key appears twice, or a resource cannot be encoded.
+            message names it. Raised when its frame is reached: the frames
+            before it may have been sent.
+        ValueError: a key appears twice, or a resource cannot be encoded (also
+            when reached).
     """
     seen: set[ResourceKey] = set()
-    for resource in resources:
-        if resource.key in seen:
-            raise ValueError(f"{resource.key} appears twice in the snapshot")
-        seen.add(resource.key)
-    sizes = _packed_sizes(resources, _wire_resource, lambda resource: f"resource {resource.key}")
-    # The largest index any chunk can have (one resource per chunk) sizes the envelope.
-    template = Reset(epoch=epoch, revision=revision, index=len(resources), resources=(), final=True)
-    envelope = len(encode_frame(template))
 
-    def describe(index: int) -> str:
-        return f"resource {resources[index].key} (a Reset frame holding only it)"
+    def unique(resources: Iterable[Resource]) -> Iterator[Resource]:
+        for resource in resources:
+            if resource.key in seen:
+                raise ValueError(f"{resource.key} appears twice in the snapshot")
+            seen.add(resource.key)
+            yield resource
 
-    runs = _split(sizes, envelope, max_frame_size, describe)
-    return [
-        Reset(
-            epoch=epoch,
-            revision=revision,
-            index=number,
-            resources=tuple(resources[index] for index in run),
-            final=number == len(runs) - 1,
+    def envelope(index: int) -> int:
+        # Sized as the final frame: `final` encodes to one byte either way.
+        return len(
+            encode_frame(
+                Reset(epoch=epoch, revision=revision, index=index, resources=(), final=True)
+            )
         )
-        for number, run in enumerate(runs)
-    ]
+
+    size_of: Callable[[Resource], int]
+    if packed is None:
+        size_of = _packed_size(_wire_resource, lambda resource: f"resource {resource.key}")
+    else:
+        size_of = lambda resource: len(packed(resource))  # noqa: E731 -- one line either way
+    runs = _runs(
+        unique(resources),
+        size_of,
+        envelope,
+        max_frame_size,
+        describe_alone=lambda resource: f"resource {resource.key} (a Reset frame holding only it)",
+    )
+    # One run ahead: a frame is final when no run follows it.
+    number, run = 0, next(runs)
+    for following in runs:
+        yield Reset(epoch=epoch, revision=revision, index=number, resources=tuple(run), final=False)
+        number, run = number + 1, following
+    yield Reset(epoch=epoch, revision=revision, index=number, resources=tuple(run), final=True)
 
 
 # -- frame order --------------------------------------------------------------------------

@@ -8,11 +8,19 @@ protocol is described in ``docs/protocol.md``.
 """
 
 from kds.sync.engines import GlobalEngine, ZoneEngine, ZoneRefused, tracking_origin
-from kds.sync.replication import SessionEnded, StreamStats, SyncOptions
+from kds.sync.replication import (
+    SessionEnded,
+    SharedSnapshot,
+    SharedSnapshots,
+    StreamStats,
+    SyncOptions,
+)
 
 __all__ = [
     "GlobalEngine",
     "SessionEnded",
+    "SharedSnapshot",
+    "SharedSnapshots",
     "StreamStats",
     "SyncOptions",
     "ZoneEngine",

@@ -17,6 +17,7 @@ throughout: replication catches up when the global is back.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import uuid
@@ -49,13 +50,29 @@ from kds.protocol import (
     encode_frame,
     negotiate,
 )
-from kds.resource import LABEL_ORIGIN, LABEL_ZONE, ORIGIN_GLOBAL, Catalog, Resource, ResourceKey
+from kds.resource import (
+    LABEL_ORIGIN,
+    LABEL_ZONE,
+    ORIGIN_GLOBAL,
+    Catalog,
+    Resource,
+    ResourceKey,
+    ResourceType,
+)
 from kds.store import Deleted, Upserted
 from kds.sync import lifecycle, rules
-from kds.sync.replication import Direction, Replicator, SessionEnded, StreamStats, SyncOptions
+from kds.sync.replication import (
+    Direction,
+    Replicator,
+    SessionEnded,
+    SharedSnapshot,
+    SharedSnapshots,
+    StreamStats,
+    SyncOptions,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 
     from anyio.abc import TaskStatus
 
@@ -69,6 +86,13 @@ logger = logging.getLogger(__name__)
 
 GLOBAL_ORIGIN: Final = "global"
 """The tracking origin under which a zone records its position in the global's log."""
+
+SNAPSHOT_KEEP: Final = 10.0
+"""Seconds the global keeps a snapshot after taking it for the zones that need one next.
+
+Zones reconnecting after a global restart arrive over seconds, each after its own
+backoff; within this they share one snapshot (see :class:`SharedSnapshots`) and then
+catch up on the events since, which costs far less than reading the store again."""
 
 
 def tracking_origin(zone: str) -> str:
@@ -178,19 +202,23 @@ class _ToZone:
         version = event.resource.version if isinstance(event, Upserted) else event.version
         return Deleted(revision=event.revision, key=copy.key, version=version, labels=copy.labels)
 
-    def map_snapshot(self, resources: Sequence[Resource]) -> list[Resource]:
-        self.disabled = _disabled_zones(resources)
+    def map_snapshot(self, snapshot: SharedSnapshot) -> Iterator[Resource]:
+        # Which zones are disabled is read now, from the whole snapshot; the rest as
+        # frames are made.
+        self.disabled = _disabled_zones(snapshot.resources)
         self.known = True
-        mapped = []
-        for resource in resources:
-            if resource.key.type not in self.types or resource.labels.get(LABEL_ZONE) == self.zone:
+        return self._copies(snapshot, frozenset(self.disabled))
+
+    def _copies(self, snapshot: SharedSnapshot, disabled: Collection[str]) -> Iterator[Resource]:
+        for index, resource in enumerate(snapshot.resources):
+            key, labels = resource.key, resource.labels
+            if key.type not in self.types or labels.get(LABEL_ZONE) == self.zone:
                 continue
-            copy = rules.global_to_zone(
-                self.catalog, resource.key, resource.labels, self.zone, self.disabled
-            )
-            if copy is not None:
-                mapped.append(attrs.evolve(resource, key=copy.key, labels=copy.labels))
-        return mapped
+            resource_type = rules.sent_to_zone(self.catalog, key, labels, self.zone, disabled)
+            if resource_type is not None:
+                # Which resources the zone gets is its own; their copies are every
+                # zone's, made once for all the sessions sharing the snapshot.
+                yield snapshot.copy_of(index, functools.partial(_zones_copy, resource_type))
 
     def needs_reset(self, event: Event) -> bool:
         # Enabling or disabling another zone changes which of its resources this
@@ -221,6 +249,12 @@ class _ToZone:
             if resource.key == own and not lifecycle.is_enabled(resource):
                 return f"zone {self.zone!r} was disabled on the global"
         return None
+
+
+def _zones_copy(resource_type: ResourceType, resource: Resource) -> Resource:
+    """The copy of a global resource every zone that gets it gets."""
+    copy = rules.global_copy(resource_type, resource.key, resource.labels)
+    return attrs.evolve(resource, key=copy.key, labels=copy.labels)
 
 
 def _disabled_zones(resources: Sequence[Resource]) -> set[str]:
@@ -278,8 +312,8 @@ class _ToGlobal:
             )
         return event
 
-    def map_snapshot(self, resources: Sequence[Resource]) -> list[Resource]:
-        return [r for r in resources if self._sent(r.key, r.labels)]
+    def map_snapshot(self, snapshot: SharedSnapshot) -> Iterator[Resource]:
+        return (r for r in snapshot.resources if self._sent(r.key, r.labels))
 
     def needs_reset(self, event: Event) -> bool:
         return False
@@ -369,6 +403,10 @@ class GlobalEngine:
         """Counters summed over every finished session."""
         self.refusals = 0
         """Hellos refused (authentication, version, disabled zone)."""
+        self.snapshots = SharedSnapshots(store, keep_for=SNAPSHOT_KEEP)
+        """The snapshots zones' sessions send, shared by those that need one within
+        seconds of each other (every zone, after a restore): its ``taken`` and
+        ``shared`` count them."""
         self._sessions: dict[str, anyio.CancelScope] = {}
         # Each open session's subscription id and replicator, for the insight refresh.
         self._subscriptions: dict[str, tuple[str, Replicator]] = {}
@@ -383,6 +421,7 @@ class GlobalEngine:
         async with anyio.create_task_group() as group:
             address = await group.start(self.transport.serve, self._serve)
             group.start_soon(self._refresh_insights)
+            group.start_soon(self.snapshots.run)
             task_status.started(address)
 
     async def _serve(self, session: Session) -> None:
@@ -489,6 +528,7 @@ class GlobalEngine:
             options=self.options,
             max_frame_size=hello.max_frame_size,
             name=f"global <-> {zone}",
+            snapshots=self.snapshots,
         )
         logger.info("zone %r connected (%s)", zone, session.peer.address)
         ended: SessionEnded | None = None

@@ -5,10 +5,11 @@ is given to it as two :class:`Direction` objects:
 
 * **outbound**: this side's log, streamed to the peer. It resumes after the cursor
   the peer sent in the handshake when this log can (same epoch, not compacted,
-  not ahead), and otherwise sends a *reset*: a consistent snapshot, chunked. Each
-  event is filtered and mapped for the peer (:mod:`kds.sync.rules`); events the
-  peer does not get still move its cursor. At most ``window`` batches await an
-  acknowledgement.
+  not ahead), and otherwise sends a *reset*: a consistent snapshot, chunked (the
+  sessions of one store that reset at the same time share one snapshot:
+  :class:`SharedSnapshots`). Each event is filtered and mapped for the peer
+  (:mod:`kds.sync.rules`); events the peer does not get still move its cursor. At
+  most ``window`` batches await an acknowledgement.
 * **inbound**: the peer's log, applied to this side's store. Every resource is
   validated and checked against what this side lets the peer own; the valid ones
   are committed *together with the tracking cursor*, in one transaction, so a
@@ -57,17 +58,19 @@ from kds.protocol import (
     batch_frames,
     decode_frame,
     encode_frame,
+    encode_reset,
+    pack_resource,
     reset_frames,
 )
-from kds.resource import ResourceKey
-from kds.store import Cursor, Delete, Tracking, Upsert, Upserted
+from kds.resource import Resource
+from kds.store import Cursor, Delete, Snapshot, Tracking, Upsert, Upserted
 from kds.transport import DEFAULT_MAX_FRAME_SIZE
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 
     from kds.protocol import Frame
-    from kds.resource import Catalog, Resource
+    from kds.resource import Catalog, ResourceKey
     from kds.store import Change, Event, Store
     from kds.transport import Session
 
@@ -218,8 +221,13 @@ class Outbound(Protocol):
     def map_event(self, event: Event) -> Event | None:
         """The event as the peer gets it, or ``None`` when it gets nothing for it."""
 
-    def map_snapshot(self, resources: Sequence[Resource]) -> list[Resource]:
-        """The resources of a consistent snapshot the peer gets, mapped for it."""
+    def map_snapshot(self, snapshot: SharedSnapshot) -> Iterable[Resource]:
+        """The resources of a consistent snapshot the peer gets, mapped for it.
+
+        May be lazy (a generator): the sender takes them one frame at a time.
+        Copies that do not depend on the peer are best made with
+        :meth:`SharedSnapshot.copy_of`, once for every session sending it.
+        """
 
     def needs_reset(self, event: Event) -> bool:
         """Whether *event* changes what the peer should have beyond itself (filters moved)."""
@@ -282,7 +290,162 @@ class _Pending:
 
     revision: int
     types: Counter[str]
-    keys: dict[ResourceKey, str]  # key -> type, to count rejections
+
+
+@attrs.define(eq=False)
+class SharedSnapshot:
+    """A snapshot the sessions of one store share, and what they make of it once for all.
+
+    Each session maps the snapshot for its peer and encodes it: with the copies
+    (:meth:`copy_of`) and the encoded rows (:meth:`packed`) kept here, a hundred
+    sessions sending it cost little more than one.
+
+    Attributes:
+        snapshot: the store's snapshot.
+    """
+
+    snapshot: Snapshot
+    _users: int = attrs.field(default=0, init=False)
+    _taken_at: float = attrs.field(factory=time.monotonic, init=False)
+    _copies: dict[int, Resource] = attrs.field(factory=dict, init=False)
+    # id() -> (resource, row): the resource is kept so that its id is not reused.
+    _rows: dict[int, tuple[Resource, bytes]] = attrs.field(factory=dict, init=False)
+
+    @property
+    def cursor(self) -> Cursor:
+        """Where the snapshot stands in the store's log."""
+        return self.snapshot.cursor
+
+    @property
+    def resources(self) -> Sequence[Resource]:
+        """The snapshot's resources, in key order."""
+        return self.snapshot.resources
+
+    def copy_of(self, index: int, make: Callable[[Resource], Resource]) -> Resource:
+        """The copy *make* makes of resource *index*, made once for every session.
+
+        *make* must make the same copy whoever calls it: the part of a mapping that
+        does not depend on the peer (which resources it gets is the caller's).
+        """
+        copy = self._copies.get(index)
+        if copy is None:
+            copy = self._copies[index] = make(self.snapshot.resources[index])
+        return copy
+
+    def packed(self, resource: Resource) -> bytes:
+        """*resource* encoded as a Reset frame's row, once for every session.
+
+        Raises:
+            ValueError: it cannot be encoded (see :func:`~kds.protocol.pack_resource`).
+        """
+        entry = self._rows.get(id(resource))
+        if entry is None:
+            entry = self._rows[id(resource)] = (resource, pack_resource(resource))
+        return entry[1]
+
+
+class SharedSnapshots:
+    """Snapshots of one store, shared by the sessions that send one at about the same time.
+
+    When every zone needs a snapshot at once -- the global's store restored from a
+    backup (a new epoch), or compacted past their cursors -- sessions reading their
+    own would each read, decode, map and encode the whole store, and hold it all
+    at once: 100 zones and 100,000 resources would be 100 copies of about 190 MiB.
+    A consistent snapshot at revision R is a correct start for any session whose
+    stream continues with the events after R, so a session that needs one is given
+    the current one when it can be (see :meth:`use`), and a new one is read
+    otherwise; sessions that need one while it is being read wait for it.
+
+    The current snapshot is let go when its last user has sent it and it is more
+    than *keep_for* seconds old -- by :meth:`run`, which must then run in a task
+    for as long as this is used. Keeping it a while serves zones that reconnect
+    over the next seconds (as they do after a global restart, each after its own
+    backoff) without reading the store again; they then catch up on the events
+    since, as a resuming zone does.
+
+    Args:
+        store: the store the snapshots are of.
+        keep_for: seconds a snapshot nobody uses is kept; 0 lets it go with its
+            last user (no :meth:`run` needed).
+
+    Attributes:
+        taken: snapshots read from the store.
+        shared: times a session was given a snapshot read before it asked.
+    """
+
+    def __init__(self, store: Store, *, keep_for: float = 0.0) -> None:
+        self._store = store
+        self._keep_for = keep_for
+        self._lock = anyio.Lock()
+        self._current: SharedSnapshot | None = None
+        self._changed: anyio.Event | None = None  # created by run() while it waits
+        self.taken = 0
+        self.shared = 0
+
+    @property
+    def current(self) -> SharedSnapshot | None:
+        """The snapshot in use or kept, if any: the one :meth:`use` may give next."""
+        return self._current
+
+    @contextlib.asynccontextmanager
+    async def use(self, at_least: int = 0) -> AsyncIterator[SharedSnapshot]:
+        """A consistent snapshot at revision *at_least* or later, held until the block ends.
+
+        The current one is given when it is at *at_least* or later (a session that
+        starts over because of the event at revision E must not be given a
+        snapshot from before E: it would meet E again), the store's log still goes
+        on from it (not compacted past it), and it is in use or at most *keep_for*
+        seconds old.
+
+        Raises:
+            StoreError: reading the snapshot failed.
+        """
+        async with self._lock:
+            shared = self._current
+            if shared is None or not await self._usable(shared, at_least):
+                shared = SharedSnapshot(await self._store.snapshot())
+                self.taken += 1
+                self._current = shared
+            else:
+                self.shared += 1
+            shared._users += 1
+        try:
+            yield shared
+        finally:
+            shared._users -= 1
+            if shared._users == 0 and self._current is shared:
+                if self._expired(shared):
+                    self._current = None
+                elif self._changed is not None:
+                    self._changed.set()  # run() lets it go when it expires
+
+    async def run(self) -> None:
+        """Let go of the current snapshot once unused and *keep_for* old; until cancelled."""
+        while True:
+            shared = self._current
+            if shared is not None and not shared._users and self._expired(shared):
+                self._current = None
+                continue
+            self._changed = anyio.Event()
+            if shared is None or shared._users:
+                await self._changed.wait()  # set when its last user lets go of one
+            else:
+                with anyio.move_on_after(shared._taken_at + self._keep_for - time.monotonic()):
+                    await self._changed.wait()
+
+    def _expired(self, shared: SharedSnapshot) -> bool:
+        return time.monotonic() - shared._taken_at >= self._keep_for
+
+    async def _usable(self, shared: SharedSnapshot, at_least: int) -> bool:
+        if shared.cursor.revision < at_least:
+            return False
+        if not shared._users and self._expired(shared):
+            return False
+        try:
+            await self._store.check_cursor(shared.cursor)
+        except (EpochMismatchError, CompactedError):
+            return False
+        return True
 
 
 class Replicator:
@@ -297,6 +460,8 @@ class Replicator:
         options: timing and flow control (heartbeats as agreed in the handshake).
         max_frame_size: the largest frame the peer accepts.
         name: for logs (``"zone-1 <- global"``).
+        snapshots: where resets get their snapshots; share one between the
+            sessions of one store. Defaults to this session's own.
     """
 
     def __init__(
@@ -310,8 +475,10 @@ class Replicator:
         options: SyncOptions,
         max_frame_size: int,
         name: str,
+        snapshots: SharedSnapshots | None = None,
     ) -> None:
         self._store = store
+        self._snapshots = snapshots if snapshots is not None else SharedSnapshots(store)
         self._session = session
         self._checker = checker
         self._direction = direction
@@ -370,8 +537,10 @@ class Replicator:
             raise error
         return ended[0] if ended else SessionEnded("session ended", by_peer=False)
 
-    async def _send(self, frame: Frame) -> None:
-        data = encode_frame(frame)
+    async def _send(self, frame: Frame, data: bytes | None = None) -> None:
+        """Send *frame*, encoded as *data* when the caller encoded it."""
+        if data is None:
+            data = encode_frame(frame)
         async with self._send_lock:
             if self._checker.ended:
                 goodbye = self._peer_goodbye
@@ -453,8 +622,7 @@ class Replicator:
         rejected: Counter[str] = Counter()
         if isinstance(frame, Nack):
             for rejection in frame.rejected:
-                type_name = pending.keys.get(rejection.key, rejection.key.type)
-                rejected[type_name] += 1
+                rejected[rejection.key.type] += 1
                 logger.warning(
                     "%s: the peer refused %s: %s", self._name, rejection.key, rejection.reason
                 )
@@ -681,7 +849,9 @@ class Replicator:
                 if reason is not None:
                     raise await self._fail(GoodbyeCode.ZONE_DISABLED, reason)
             if any(outbound.needs_reset(event) for event in events):
-                position = sent_position = await self._send_reset()
+                # From a snapshot that has these events: one from before them would
+                # meet them again.
+                position = sent_position = await self._send_reset(events[-1].revision)
                 continue
             mapped = [m for m in map(outbound.map_event, events) if m is not None]
             position = events[-1].revision
@@ -720,33 +890,43 @@ class Replicator:
         for frame in frames:
             await self._wait_for_window()
             types = Counter(event.key.type for event in frame.events)
-            keys = {event.key: event.key.type for event in frame.events}
-            self._pending.append(_Pending(frame.revision, types, keys))
+            self._pending.append(_Pending(frame.revision, types))
             self.stats.sent.update(types)
             await self._send(frame)
             self._batch_sent_at = time.monotonic()
 
-    async def _send_reset(self) -> int:
-        snapshot = await self._store.snapshot()
-        reason = self._direction.outbound.snapshot_ends_session(snapshot.resources)
-        if reason is not None:
-            raise await self._fail(GoodbyeCode.ZONE_DISABLED, reason)
-        resources = self._direction.outbound.map_snapshot(snapshot.resources)
-        revision = snapshot.cursor.revision
-        try:
+    async def _send_reset(self, at_least: int = 0) -> int:
+        """Send a snapshot at revision *at_least* or later; return its revision."""
+        outbound = self._direction.outbound
+        async with self._snapshots.use(at_least) as shared:
+            reason = outbound.snapshot_ends_session(shared.resources)
+            if reason is not None:
+                raise await self._fail(GoodbyeCode.ZONE_DISABLED, reason)
+            revision = shared.cursor.revision
+            # Mapped and framed a frame at a time: this session holds one frame of
+            # its own, whatever the snapshot's size. The rows are encoded once, for
+            # every session sharing the snapshot.
             frames = reset_frames(
-                snapshot.cursor.epoch, revision, resources, max_frame_size=self._frame_limit
+                shared.cursor.epoch,
+                revision,
+                outbound.map_snapshot(shared),
+                max_frame_size=self._frame_limit,
+                packed=shared.packed,
             )
-        except FrameTooLargeError as exc:
-            raise await self._fail(GoodbyeCode.INTERNAL_ERROR, str(exc)) from exc
-        await self._wait_for_window()
-        types = Counter(resource.key.type for resource in resources)
-        keys = {resource.key: resource.key.type for resource in resources}
-        self._pending.append(_Pending(revision, types, keys))
-        self.stats.sent.update(types)
+            await self._wait_for_window()
+            # Filled in as frames go: no ACK can come before the final one.
+            pending = _Pending(revision, Counter())
+            self._pending.append(pending)
+            try:
+                for frame in frames:
+                    types = Counter(resource.key.type for resource in frame.resources)
+                    pending.types.update(types)
+                    self.stats.sent.update(types)
+                    await self._send(frame, encode_reset(frame, shared.packed))
+            except FrameTooLargeError as exc:
+                # The peer drops the chunks it got: it applies a snapshot only whole.
+                raise await self._fail(GoodbyeCode.INTERNAL_ERROR, str(exc)) from exc
         self.stats.resets_sent += 1
-        for frame in frames:
-            await self._send(frame)
         self._batch_sent_at = time.monotonic()
         return revision
 

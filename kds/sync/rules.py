@@ -142,6 +142,23 @@ def global_to_zone(
         zone: the receiving zone.
         disabled_zones: zones whose resources are not forwarded.
     """
+    resource_type = sent_to_zone(catalog, key, labels, zone, disabled_zones)
+    return None if resource_type is None else global_copy(resource_type, key, labels)
+
+
+def sent_to_zone(
+    catalog: Catalog,
+    key: ResourceKey,
+    labels: Mapping[str, str],
+    zone: str,
+    disabled_zones: Collection[str] = (),
+) -> ResourceType | None:
+    """The resource's type when *zone* gets a copy of it, ``None`` when it gets none.
+
+    The filters of :func:`global_to_zone`, without the copy: what the copy is does
+    not depend on the zone (:func:`global_copy`), so a sender serving many zones
+    can make it once.
+    """
     if key.type not in catalog:
         return None
     resource_type = catalog[key.type]
@@ -160,7 +177,7 @@ def global_to_zone(
         is_policy = SyncFlag.GLOBAL_TO_ZONES in resource_type.flags
         if is_policy and labels.get(LABEL_POLICY_ROLE) != _POLICY_ROLE_PRODUCER:
             return None
-    return global_copy(resource_type, key, labels)
+    return resource_type
 
 
 def global_copy(resource_type: ResourceType, key: ResourceKey, labels: Mapping[str, str]) -> Copy:

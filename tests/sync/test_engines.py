@@ -28,10 +28,11 @@ from kds.protocol import (
     Welcome,
     decode_frame,
     encode_frame,
+    pack_resource,
 )
 from kds.resource import Resource, ResourceType, Scope, SyncFlag, hashed_name
 from kds.store import Delete, Upserted
-from kds.sync import GlobalEngine, SyncOptions, ZoneEngine, lifecycle
+from kds.sync import GlobalEngine, SharedSnapshots, SyncOptions, ZoneEngine, lifecycle
 from kds.sync.engines import GLOBAL_ORIGIN, tracking_origin
 from kds.sync.lifecycle import insight_key, zone_key
 from kds.testing import MemoryStore, MemoryTransport
@@ -770,3 +771,129 @@ def _catalog_without(catalog: Catalog, name: str) -> Catalog:
     from kds.resource import Catalog as CatalogClass
 
     return CatalogClass.of(t for t in catalog if t.name != name)
+
+
+# -- snapshots shared between sessions --------------------------------------------
+
+
+async def test_zones_resetting_at_once_share_one_snapshot_and_each_gets_all_of_it():
+    transport = MemoryTransport()
+    global_store = await store_with(
+        Upsert(key=ResourceKey("Mesh", None, "default"), spec={}),
+        *(mesh_timeout(f"timeout-{i:03d}") for i in range(300)),
+    )
+    expected = {hashed_name("default", f"timeout-{i:03d}") for i in range(300)}
+    zone_stores = {f"zone-{n}": await store_with() for n in range(1, 6)}
+
+    async def everywhere(name: str) -> bool:
+        for store in zone_stores.values():
+            if not await _has(store, "MeshTimeout", name):
+                return False
+        return True
+
+    async with (
+        running_global(global_store, transport) as engine,
+        contextlib.AsyncExitStack() as zones,
+    ):
+        # A snapshot still being sent (as by a slow zone's session) when every zone,
+        # with an empty store, needs one: each gets that one, none is read again.
+        async with engine.snapshots.use() as held:
+            for zone, store in zone_stores.items():
+                await zones.enter_async_context(running_zone(store, transport, zone))
+            for store in zone_stores.values():
+                has_all = functools.partial(_names_include, store, "MeshTimeout", expected)
+                await wait_for(has_all, "the snapshot")
+            assert (engine.snapshots.taken, engine.snapshots.shared) == (1, len(zone_stores))
+            # A change made after it reaches them as events after its revision.
+            await global_store.commit([mesh_timeout("later")])
+            await wait_for(lambda: everywhere(hashed_name("default", "later")), "the change")
+        assert held.cursor.revision < await global_store.head()
+
+        # Nobody holds it any more, but it is kept a while: a zone needing one now
+        # gets it too, and the change made since as an event after it.
+        assert engine.snapshots.current is not None
+        late = await store_with()
+        async with running_zone(late, transport, "zone-9") as late_zone:
+            later = hashed_name("default", "later")
+            await wait_for(lambda: _has(late, "MeshTimeout", later), "the late zone's snapshot")
+            assert late_zone.current_stats.resets_received == 1
+    assert (engine.snapshots.taken, engine.snapshots.shared) == (1, len(zone_stores) + 1)
+
+
+async def test_a_snapshot_nobody_uses_is_let_go_once_it_is_old():
+    store = await store_with(mesh_timeout("a"))
+    keep = 1.0  # long enough that two statements in a row never take it
+    snapshots = SharedSnapshots(store, keep_for=keep)
+
+    def kept() -> object:
+        return snapshots.current
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(snapshots.run)
+        async with snapshots.use() as first:
+            await anyio.sleep(1.5 * keep)  # time passing, not a wait for anything
+            assert kept() is first  # in use: kept however old
+        assert kept() is None  # unused and old: let go with its last user
+        async with snapshots.use() as second:
+            assert second is not first
+        # Unused but young: kept, and given to the next session...
+        assert kept() is second
+        async with snapshots.use() as third:
+            assert third is second
+        # ...until it is old.
+        await wait_for(lambda: kept() is None, "the kept snapshot let go")
+        group.cancel_scope.cancel()
+    assert (snapshots.taken, snapshots.shared) == (2, 1)
+
+
+async def test_a_shared_snapshot_is_not_given_to_a_session_that_needs_a_later_one():
+    store = await store_with(mesh_timeout("a"))
+    snapshots = SharedSnapshots(store)
+    async with snapshots.use() as first:
+        async with snapshots.use(at_least=first.cursor.revision) as same:
+            assert same is first
+        # After a change that made a session start over, it needs one that has it.
+        revision = await store.commit([mesh_timeout("b")])
+        async with snapshots.use(at_least=revision) as newer:
+            assert newer.cursor.revision == revision
+            async with snapshots.use() as again:
+                assert again is newer  # the newer one is the one shared now
+            # Compacted past the one in use: the log no longer goes on from it.
+            await store.commit([mesh_timeout("c")])
+            await store.compact(await store.head())
+            async with snapshots.use() as after_compaction:
+                assert after_compaction.cursor.revision == await store.head()
+    assert (snapshots.taken, snapshots.shared) == (3, 2)
+
+
+async def test_a_snapshot_is_let_go_with_its_last_user():
+    store = await store_with(mesh_timeout("a"))
+    snapshots = SharedSnapshots(store)
+    async with snapshots.use() as first, snapshots.use() as second:
+        assert second is first
+    async with snapshots.use() as third:
+        assert third is not first
+    assert (snapshots.taken, snapshots.shared) == (2, 1)
+
+
+async def test_sessions_sharing_a_snapshot_share_its_copies_and_encoded_rows():
+    store = await store_with(mesh_timeout("a"), mesh_timeout("b"))
+    snapshots = SharedSnapshots(store)
+    made: list[ResourceKey] = []
+
+    def make(resource: Resource) -> Resource:
+        made.append(resource.key)
+        return attrs.evolve(resource, labels={"copy": "yes"})
+
+    async with snapshots.use() as one, snapshots.use() as two:
+        copies = [one.copy_of(index, make) for index in range(2)]
+        for index, copy in enumerate(copies):
+            assert two.copy_of(index, make) is copy
+        assert made == [resource.key for resource in one.resources]
+        row = one.packed(copies[0])
+        assert row == pack_resource(copies[0])
+        assert two.packed(copies[0]) is row
+
+
+async def _names_include(store: Store, type_name: str, expected: set[str]) -> bool:
+    return await names(store, type_name) >= expected

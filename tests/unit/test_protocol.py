@@ -48,7 +48,9 @@ from kds.protocol import (
     batch_frames,
     decode_frame,
     encode_frame,
+    encode_reset,
     negotiate,
+    pack_resource,
     reset_frames,
 )
 from kds.testing.strategies import EPOCHS, TYPES, labels, msgpack_values, resource_keys, specs
@@ -796,7 +798,7 @@ def test_reset_frames_keep_order_and_fit_the_limit(epoch, revision, snapshot, sl
     empty = Reset(epoch=epoch, revision=revision, index=0, resources=(), final=True)
     sizes = [alone(resource) for resource in snapshot]
     limit = max(sizes, default=len(encode_frame(empty))) + slack
-    chunks = reset_frames(epoch, revision, snapshot, max_frame_size=limit)
+    chunks = list(reset_frames(epoch, revision, snapshot, max_frame_size=limit))
     assert [chunk.index for chunk in chunks] == list(range(len(chunks)))
     assert [chunk.final for chunk in chunks] == [False] * (len(chunks) - 1) + [True]
     assert [resource for chunk in chunks for resource in chunk.resources] == snapshot
@@ -809,8 +811,30 @@ def test_reset_frames_keep_order_and_fit_the_limit(epoch, revision, snapshot, sl
     assert checker.inbound == Cursor(epoch, revision)
 
 
+@given(
+    epoch=epochs,
+    revision=st.integers(0, 2**40),
+    index=st.integers(0, 2**33),
+    snapshot=st.lists(resources(), max_size=20, unique_by=lambda r: r.key),
+    final=st.booleans(),
+)
+def test_a_reset_from_packed_rows_encodes_as_encode_frame_does(
+    epoch, revision, index, snapshot, final
+):
+    frame = Reset(
+        epoch=epoch, revision=revision, index=index, resources=tuple(snapshot), final=final
+    )
+    assert encode_reset(frame, pack_resource) == encode_frame(frame)
+
+
+def test_a_resource_that_cannot_be_packed_is_named():
+    bad = attrs.evolve(_big_resource("m", 1), spec={"x": 2**70})
+    with pytest.raises(ValueError, match="cannot encode resource Mesh/m"):
+        pack_resource(bad)
+
+
 def test_empty_snapshot_is_one_final_chunk():
-    assert reset_frames("e", 0, [], max_frame_size=100) == [
+    assert list(reset_frames("e", 0, [], max_frame_size=100)) == [
         Reset(epoch="e", revision=0, index=0, resources=(), final=True)
     ]
 
@@ -818,11 +842,49 @@ def test_empty_snapshot_is_one_final_chunk():
 def test_reset_frames_refuse_duplicates_and_oversized_resources():
     resource = _big_resource("m", 10)
     with pytest.raises(ValueError, match="Mesh/m appears twice"):
-        reset_frames("e", 1, [resource, resource], max_frame_size=10_000)
+        list(reset_frames("e", 1, [resource, resource], max_frame_size=10_000))
     with pytest.raises(
         FrameTooLargeError, match=r"resource Mesh/huge .* exceeds the frame size limit of 500"
     ):
-        reset_frames("e", 1, [resource, _big_resource("huge", 1000)], max_frame_size=500)
+        list(reset_frames("e", 1, [resource, _big_resource("huge", 1000)], max_frame_size=500))
+
+
+def test_reset_frames_take_resources_only_as_frames_are_made():
+    # A sender sends each frame before asking for the next: it must never hold the
+    # whole (mapped) snapshot, only the frame it sends and the one being filled.
+    taken = 0
+
+    def snapshot():
+        nonlocal taken
+        for number in range(1000):
+            taken += 1
+            yield _big_resource(f"m{number:04d}", 100)
+
+    frames = reset_frames("e", 7, snapshot(), max_frame_size=2000)
+    first = next(frames)
+    per_frame = len(first.resources)
+    assert 1 < per_frame < 100
+    # This frame, the next (to know this one is not final) and the one that overflowed it.
+    assert taken <= 2 * per_frame + 1
+    rest = list(frames)
+    assert taken == 1000
+    assert sum(len(frame.resources) for frame in [first, *rest]) == 1000
+    assert [frame.index for frame in [first, *rest]] == list(range(len(rest) + 1))
+    assert rest[-1].final
+    assert not any(frame.final for frame in [first, *rest[:-1]])
+
+
+def test_a_resource_too_large_is_found_when_its_frame_is_made():
+    resources = [_big_resource(f"m{number}", 100) for number in range(40)]
+    frames = reset_frames("e", 1, [*resources, _big_resource("huge", 5000)], max_frame_size=2000)
+    sent = [next(frames)]
+    with pytest.raises(FrameTooLargeError, match="resource Mesh/huge"):
+        sent.extend(frames)
+    # The frames made before it hold the snapshot's first resources, and none is final.
+    made = [r for frame in sent for r in frame.resources]
+    assert 0 < len(made) < len(resources)
+    assert made == resources[: len(made)]
+    assert not any(frame.final for frame in sent)
 
 
 def test_unencodable_events_are_a_value_error():
