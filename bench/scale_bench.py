@@ -3,6 +3,7 @@
 Run it as a script (it is not a test)::
 
     python bench/scale_bench.py [--transport grpc|nats|both] [--quick] [--workers 4]
+                                [--phases fanout,catchup,reconnect,resync,rss]
 
 One **global** process (``--role global``: a :class:`~kds.sync.GlobalEngine` on
 a :class:`~kds_stores.sqlite.SQLiteStore`) serves N **zones**, which run in a
@@ -11,7 +12,8 @@ its own :class:`~kds.sync.ZoneEngine`, hence its own transport session. The
 transports are gRPC with TLS on loopback (the global's self-signed certificate
 given to the zones as their CA file) and NATS, through one ``nats-server`` this
 script starts (:class:`kds.testing.NatsServer`). Engines, stores and transports
-run with their defaults, as ``kds-cp run`` uses them.
+run with their defaults, as ``kds-cp run`` uses them, but for the heartbeat
+timeout (see :data:`OPTIONS`).
 
 The children speak a line protocol: the coordinator (this process) writes one
 command per line on a child's stdin and reads one reply line (``ok ...`` or
@@ -45,11 +47,16 @@ What it measures, per transport:
    and converged (its cursor in the global's log past the last change zones get),
    and a change committed then has reached every zone; and the bytes the zones
    received until converged (resume, not resync).
-5. **global RSS** with 100,000 resources and the largest N zones connected and
+5. **mass resync**: the same zones, the global stopped and its log given a new
+   epoch (as a store restored from a backup gets), then started again: every
+   zone needs a snapshot at once. The time until each applied one and converged,
+   the global's CPU (next to what one zone's sync cost it: the baseline, with
+   nothing to share), its peak RSS, the bytes sent.
+6. **global RSS** with 100,000 resources and the largest N zones connected and
    caught up, and its increment per zone.
 
 Syncing 10,000 or 100,000 resources into 100 zones one by one would take far
-too long on this machine: for 4 and 5, one SQLite zone syncs them for real and
+too long on this machine: for 4 to 6, one SQLite zone syncs them for real and
 its file is copied for the others (see :func:`prepare_copies`, which says why
 the copies are zones of their own). Those stores are prepared over the first
 transport and reused by the next.
@@ -106,6 +113,8 @@ if TYPE_CHECKING:
     from kds.transport import Transport
 
 TRANSPORTS: Final = ("grpc", "nats")
+PHASES: Final = ("fanout", "catchup", "reconnect", "resync", "rss")
+"""What `--phases` chooses from; reconnect and resync share one cluster of prepared zones."""
 PROBE_KEY: Final = ResourceKey("MeshTimeout", "default", "scale-probe")
 """The resource each fan-out change upserts (its spec carries the change's number)."""
 BATCH: Final = 1000  # changes per commit when the global loads or changes resources
@@ -124,6 +133,12 @@ PROBE_GAP_PER_ZONE: Final = 0.001  # seconds more per zone: the global takes the
 # at 100 zones a few seconds may catch a burst of refreshes or none of them.
 IDLE_WINDOW: Final = 3.0  # seconds, at least
 IDLE_WINDOW_PER_ZONE: Final = 0.1  # seconds per zone, up to the insight interval
+# The defaults but for the heartbeat timeout. 25 zones share each worker process
+# here, on 2 cores: when all of them apply a snapshot at once (the mass resync), a
+# worker does not run one zone's heartbeats for longer than the default 15 s, and
+# either side would take the stall for a dead peer and start over. A zone with a
+# process of its own stalls for about 2 s applying 100,000 resources.
+OPTIONS: Final = SyncOptions(heartbeat_timeout=120.0)
 SETTLE: Final = 1.0  # seconds to let connection-time writes (ZoneInsights) pass
 POLL: Final = 0.05  # seconds between status rounds while waiting for convergence
 CONVERGE_TIMEOUT: Final = 600.0  # seconds any wait for convergence may take
@@ -248,9 +263,11 @@ class _GlobalCommands:
                     ]
                 )
             return [await self.store.head(), repr(time.monotonic() - started)]
+        if name == "snapshots":
+            return [self.engine.snapshots.taken]
         if name == "status":
             head = await self.store.head()
-            return [head, len(self.engine.connected_zones), self.written]
+            return [head, len(self.engine.connected_zones), self.written, self.store.epoch]
         raise ValueError(f"unknown command {name!r}")
 
 
@@ -262,7 +279,7 @@ async def run_global(directory: Path, kind: str, listen: str) -> None:
             transport = NatsTransport.server(listen)
         else:
             transport = GrpcTransport.server(listen, work_dir=directory)
-        engine = GlobalEngine(store, transport)
+        engine = GlobalEngine(store, transport, options=OPTIONS)
         commands = _GlobalCommands(store, engine)
         async with anyio.create_task_group() as group:
             address = await group.start(engine.run)
@@ -342,6 +359,7 @@ class _Worker:
                 stats.resets_received,
                 stats.resets_sent,
                 stats.batches_received,
+                "-" if cursor is None else cursor.epoch,
             )
         )
 
@@ -364,7 +382,7 @@ class _Worker:
                 record.store = store
             else:
                 store = record.store
-            engine = ZoneEngine(store, self.transport(zone), zone=zone)
+            engine = ZoneEngine(store, self.transport(zone), zone=zone, options=OPTIONS)
             with anyio.CancelScope() as scope:
                 record.scope, record.engine = scope, engine
                 task_status.started()
@@ -564,6 +582,7 @@ class ZoneState:
     resets: int  # snapshots received from the global
     resets_sent: int  # snapshots of its own log sent to the global
     batches: int
+    epoch: str  # its cursor's: the global log's it follows ("-" before any)
 
 
 @attrs.frozen
@@ -573,7 +592,12 @@ class ClusterState:
     head: int
     sessions: int
     written: int  # the revision of the last change zones get (see _GlobalCommands.written)
+    epoch: str  # the global's log's
     zones: dict[str, ZoneState]
+
+    def caught_up(self, zone: ZoneState, written: int) -> bool:
+        """Whether *zone* has the change at revision *written* of the global's log."""
+        return zone.epoch == self.epoch and zone.cursor >= written
 
     def received(self) -> int:
         """Frame bytes the zones received, in total."""
@@ -757,30 +781,38 @@ class Cluster:
 
     async def state(self) -> ClusterState:
         """The global's head and session count, then every zone's state."""
-        head, sessions, written = (
-            int(field) for field in await self.global_child.request("status")
-        )
+        fields = await self.global_child.request("status")
+        head, sessions, written = (int(field) for field in fields[:3])
+        epoch = fields[3]
         zones: dict[str, ZoneState] = {}
         for worker in self.workers:
             for entry in await worker.request("status"):
-                name, *values = entry.split(",")
+                name, *values, cursor_epoch = entry.split(",")
                 connected, cursor, received, sent, resets, resets_sent, batches = (
                     int(v) for v in values
                 )
                 zones[name] = ZoneState(
-                    bool(connected), cursor, received, sent, resets, resets_sent, batches
+                    bool(connected),
+                    cursor,
+                    received,
+                    sent,
+                    resets,
+                    resets_sent,
+                    batches,
+                    cursor_epoch,
                 )
-        return ClusterState(head, sessions, written, zones)
+        return ClusterState(head, sessions, written, epoch, zones)
 
     async def converged(self, deadline: float = CONVERGE_TIMEOUT) -> ClusterState:
         """Wait until every running zone is connected on both sides and has every change.
 
         Converged means: the global has a session for each running zone, each zone's
-        engine is connected, and each zone's cursor in the global's log has reached
-        the last change the global process committed (a restarted global remembers
-        none: the one before it counts). Not the global's head: ZoneInsight writes,
-        which zones do not get, move it, and a zone's cursor passes such events only
-        when its next heartbeat is due. Other processes' progress: polled.
+        engine is connected, and each zone's cursor is in the global's log (its
+        epoch) and has reached the last change the global process committed (a
+        restarted global remembers none: the one before it counts). Not the global's
+        head: ZoneInsight writes, which zones do not get, move it, and a zone's cursor
+        passes such events only when its next heartbeat is due. Other processes'
+        progress: polled.
         """
         state = None
         try:
@@ -790,7 +822,7 @@ class Cluster:
                     self.written = max(self.written, state.written)
                     running = [state.zones[zone] for zone in self.running]
                     if state.sessions == len(self.running) and all(
-                        zone.connected and zone.cursor >= self.written for zone in running
+                        zone.connected and state.caught_up(zone, self.written) for zone in running
                     ):
                         return state
                     await anyio.sleep(POLL)
@@ -830,7 +862,7 @@ def _progress(state: ClusterState | None, running: Iterable[str], written: int) 
         return "no status yet"
     zones = [state.zones[zone] for zone in running if zone in state.zones]
     connected = sum(zone.connected for zone in zones)
-    caught_up = sum(zone.cursor >= written for zone in zones)
+    caught_up = sum(state.caught_up(zone, written) for zone in zones)
     return (
         f"{state.sessions} sessions on the global, {connected} of {len(zones)} zones "
         f"connected, {caught_up} with the last change (revision {written})"
@@ -924,6 +956,9 @@ class Report:
     loaded: dict[str, FanOut] = attrs.Factory(dict)  # the fan-out with resources everywhere
     notes: list[str] = attrs.Factory(list)
     preparation: float = 0.0  # seconds spent preparing stores the next transport reuses
+    # Resources -> the global's CPU seconds to sync them into one empty zone (a
+    # snapshot sent to one session), measured while preparing the stores.
+    one_zone_sync: dict[int, float] = attrs.Factory(dict)
 
     def add(self, *rows: Row) -> None:
         """Add rows (and show them under the progress bar)."""
@@ -957,7 +992,7 @@ async def measure_fanout(
     await anyio.sleep(SETTLE)
     await cluster.converged()
     before = await cluster.cpu_and_bytes()
-    cycle = SyncOptions().insight_interval
+    cycle = OPTIONS.insight_interval
     await anyio.sleep(min(cycle, max(IDLE_WINDOW, zones * IDLE_WINDOW_PER_ZONE)))
     start = await cluster.cpu_and_bytes()
     idle = Rates.between(before, start)
@@ -1186,6 +1221,74 @@ async def phase_reconnect(
     )
 
 
+async def phase_resync(
+    cluster: Cluster, settings: Settings, report: Report, bar: ProgressBar
+) -> None:
+    """Every zone needs a snapshot at once: the global's store restored, under a new epoch.
+
+    The zones hold *resources* resources each and are converged. The global is
+    stopped, its log given a new epoch (``meta.epoch``, as a store restored from a
+    backup or replaced gets one) and started again: no zone's cursor is valid in
+    it, so each session starts with a snapshot. Measured from the restarted global
+    listening until every zone applied its snapshot and converged: the time, the
+    global's CPU (next to what syncing one empty zone cost it), its peak RSS over
+    its RSS before the restart, the bytes sent.
+    """
+    kind, zones = cluster.kind, len(cluster.running)
+    bar.set_description(f"{kind}: mass resync of {zones} zones")
+    before = await cluster.converged()
+    idle = cluster.global_child.rss_mb()
+    await cluster.stop_global()
+    with contextlib.closing(sqlite3.connect(cluster.directory / "global.db")) as db, db:
+        db.execute("UPDATE meta SET epoch = ?", (uuid.uuid4().hex,))
+    listening = await cluster.start_global()
+    started = cluster.global_child.cpu_seconds()  # its start (imports, TLS) is not the resync
+    after = await cluster.converged()  # on the new epoch: by a snapshot each
+    seconds = time.monotonic() - listening
+    cpu = cluster.global_child.cpu_seconds() - started
+    peak = cluster.global_child.rss_mb("VmHWM")
+    bar.update()
+    received = after.received() - before.received()
+    _, snapshots = after.snapshots_since(before)
+    shared = int((await cluster.global_child.request("snapshots"))[0])
+    # The baseline: one session's snapshot, when nothing is shared.
+    single = report.one_zone_sync.get(settings.resources)
+    one_zone = (
+        "no one-zone sync measured in this run"
+        if single is None
+        else f"{cpu / (zones * single):.2f}x {zones} one-zone syncs ({single:,.2f} s each, "
+        "measured while preparing the stores)"
+    )
+    report.add(
+        Row(
+            f"mass resync: {zones} zones x {settings.resources:,} resources, new global epoch",
+            kind,
+            f"{seconds:,.2f} s",
+            f"from the restarted global listening until every zone applied a snapshot and "
+            f"converged; {snapshots}; the global read {shared} from its store",
+        ),
+        Row(
+            "  global CPU",
+            kind,
+            f"{cpu:,.1f} s",
+            f"{cpu / zones * 1e3:,.0f} ms per zone; {one_zone}",
+        ),
+        Row(
+            "  global peak RSS",
+            kind,
+            f"{peak:,.0f} MiB",
+            f"{peak - idle:+,.0f} MiB over its {idle:,.0f} MiB before the restart "
+            f"({(peak - idle) / zones:,.2f} MiB per zone)",
+        ),
+        Row(
+            "  bytes sent to the zones, in total",
+            kind,
+            f"{received / 1e6:,.1f} MB",
+            f"{received / zones / 1e6:,.2f} MB per zone",
+        ),
+    )
+
+
 async def phase_rss(cluster: Cluster, settings: Settings, report: Report, bar: ProgressBar) -> None:
     """The global's RSS before any zone, and with every zone connected and caught up.
 
@@ -1233,7 +1336,7 @@ async def prepare_copies(
     resources: int,
     nats_url: str | None,
     bar: ProgressBar,
-) -> str:
+) -> tuple[str, float]:
     """A global store with *resources* resources and a caught-up SQLite store per zone.
 
     Syncing that many resources into each of the zones one by one would take far
@@ -1254,7 +1357,8 @@ async def prepare_copies(
 
     Zone 1's own log is compacted first (the copies are half the size). The copies
     then resume like zones that synced before, without any snapshot.
-    Returns a note for the report saying how it went.
+    Returns a note for the report saying how it went, and the global's CPU seconds
+    for zone 1's sync.
     """
     bar.set_description(f"preparing {resources:,} resources in every zone")
     await anyio.Path(directory).mkdir(parents=True)
@@ -1302,7 +1406,7 @@ async def prepare_copies(
                 await store.commit([], tracking=Tracking(tracking_origin(zone), cursor))
     bar.update()
     size = source.stat().st_size / 2**20
-    return (
+    note = (
         f"{resources:,} resources in every zone: {zone_name(1)} (SQLite) synced them from the "
         f"global over {kind} in {synced:,.1f} s ({resources / synced:,.0f}/s; global CPU "
         f"{cpu:,.1f} s, peak RSS {peak:,.0f} MiB); the other {zones - 1} zones' stores are "
@@ -1310,6 +1414,7 @@ async def prepare_copies(
         f"global's cursor in each copy's log set to that log's head (see prepare_copies); "
         f"{time.monotonic() - started:,.0f} s in all."
     )
+    return note, cpu
 
 
 async def run_transport(
@@ -1323,41 +1428,52 @@ async def run_transport(
     """Every phase over one transport.
 
     Fan-out and catch-up run on a global of their own with memory zones. The
-    reconnect and RSS phases run on prepared stores (see :func:`prepare_copies`),
-    made over the first transport and reused by the next: its zones resume from
-    where the previous run left them.
+    reconnect, resync and RSS phases run on prepared stores (see
+    :func:`prepare_copies`), made over the first transport and reused by the next:
+    its zones resume from where the previous run left them (after a resync, in the
+    global's new epoch). Only the phases in ``settings.phases`` run.
     """
     zones = settings.zone_counts[-1]
-    fanout = directory / kind
-    await anyio.Path(fanout).mkdir(parents=True)
-    async with open_cluster(fanout, kind, settings.workers, nats_url) as cluster:
-        await cluster.start_global()
-        await cluster.global_child.request("register", zones)
-        await cluster.start_workers()
-        await phase_fanout(cluster, settings, report, bar)
-        await phase_catchup(cluster, settings, report, bar)
+    phases = settings.phases
+    if {"fanout", "catchup"} & phases:
+        fanout = directory / kind
+        await anyio.Path(fanout).mkdir(parents=True)
+        async with open_cluster(fanout, kind, settings.workers, nats_url) as cluster:
+            await cluster.start_global()
+            await cluster.global_child.request("register", zones)
+            await cluster.start_workers()
+            if "fanout" in phases:
+                await phase_fanout(cluster, settings, report, bar)
+            if "catchup" in phases:
+                await phase_catchup(cluster, settings, report, bar)
 
     async def prepared(name: str, resources: int) -> Path:
         """Stores with *resources* resources everywhere: made once, for every transport."""
         path = directory / name
         if not path.exists():
             started = time.monotonic()
-            note = await prepare_copies(path, kind, settings, resources, nats_url, bar)
+            note, cpu = await prepare_copies(path, kind, settings, resources, nats_url, bar)
             report.notes.append(note)
+            report.one_zone_sync[resources] = cpu
             report.preparation += time.monotonic() - started
         return path
 
-    reconnect = await prepared("reconnect", settings.resources)
-    async with open_cluster(reconnect, kind, settings.workers, nats_url) as cluster:
-        await cluster.start_global()
-        await cluster.start_workers()
-        await cluster.start_zones(
-            (zone_name(n) for n in count_from(1, zones)), "sqlite", watch=True
-        )
-        await phase_reconnect(cluster, settings, report, bar)
-    rss = await prepared("rss", settings.rss_resources)
-    async with open_cluster(rss, kind, settings.workers, nats_url) as cluster:
-        await phase_rss(cluster, settings, report, bar)
+    if {"reconnect", "resync"} & phases:
+        reconnect = await prepared("reconnect", settings.resources)
+        async with open_cluster(reconnect, kind, settings.workers, nats_url) as cluster:
+            await cluster.start_global()
+            await cluster.start_workers()
+            await cluster.start_zones(
+                (zone_name(n) for n in count_from(1, zones)), "sqlite", watch=True
+            )
+            if "reconnect" in phases:
+                await phase_reconnect(cluster, settings, report, bar)
+            if "resync" in phases:
+                await phase_resync(cluster, settings, report, bar)
+    if "rss" in phases:
+        rss = await prepared("rss", settings.rss_resources)
+        async with open_cluster(rss, kind, settings.workers, nats_url) as cluster:
+            await phase_rss(cluster, settings, report, bar)
 
 
 # -- output ------------------------------------------------------------------------------
@@ -1546,6 +1662,7 @@ class Settings:
     rss_resources: int  # on the global for the RSS measurement
     workers: int  # processes the zones are spread over
     transports: tuple[str, ...]
+    phases: frozenset[str]  # of PHASES
     optional_nats: bool  # NATS only if the time budget allows
     budget: float  # seconds the whole run should take
     output: Path
@@ -1567,7 +1684,12 @@ def progress_bar(settings: Settings) -> ProgressBar:
         raise SystemExit(
             "scale_bench.py draws a progress bar with tqdm: pip install -e '.[bench]'"
         ) from exc
-    per_transport = len(settings.zone_counts) * settings.probes + settings.cost_probes + 4
+    phases = settings.phases
+    per_transport = (
+        len(settings.zone_counts) * settings.probes * ("fanout" in phases)
+        + settings.cost_probes * ("reconnect" in phases)
+        + len(phases)
+    )
     total = per_transport * len(settings.transports) + 4  # + preparing two sets of stores
     bar: ProgressBar = tqdm(total=total, file=sys.stderr, unit="step", dynamic_ncols=True)
     return bar
@@ -1659,6 +1781,16 @@ def _zone_counts(text: str) -> tuple[int, ...]:
     return counts
 
 
+def _phases(text: str) -> frozenset[str]:
+    phases = frozenset(part.strip() for part in text.split(","))
+    unknown = sorted(phases - set(PHASES))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown phase {', '.join(unknown)}: choose from {', '.join(PHASES)}"
+        )
+    return phases
+
+
 def main() -> None:
     """Run the benchmark, or one of its child processes (``--role``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -1679,6 +1811,11 @@ def main() -> None:
         "--budget", type=float, help="seconds the default run may take: 600 (--quick: 90)"
     )
     parser.add_argument("--output", type=Path, help="default bench/results/<YYYY-MM-DD>")
+    parser.add_argument(
+        "--phases",
+        type=_phases,
+        help=f"the phases to run, of {','.join(PHASES)} (default: all)",
+    )
     parser.add_argument("--role", choices=["global", "worker"], help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--listen", help=argparse.SUPPRESS)
@@ -1705,6 +1842,7 @@ def main() -> None:
         rss_resources=args.rss_resources or (2_000 if quick else 100_000),
         workers=args.workers or (2 if quick else 4),
         transports=TRANSPORTS if args.transport in (None, "both") else (args.transport,),
+        phases=args.phases or frozenset(PHASES),
         optional_nats=args.transport is None,
         budget=args.budget or (90.0 if quick else 600.0),
         output=args.output or default_output,
