@@ -296,9 +296,11 @@ class _Pending:
 class SharedSnapshot:
     """A snapshot the sessions of one store share, and what they make of it once for all.
 
-    Each session maps the snapshot for its peer and encodes it: with the copies
-    (:meth:`copy_of`) and the encoded rows (:meth:`packed`) kept here, a hundred
-    sessions sending it cost little more than one.
+    Each session maps the snapshot for its peer and encodes it. With the copies
+    (:meth:`copy_of`) and the encoded rows (:meth:`packed`) kept here, made by the
+    first session that needs each, the others only choose theirs and join bytes:
+    100 zones cost the global about 30 times what one does, not 100 (and this
+    costs about a third of the snapshot's memory more, while it is kept).
 
     Attributes:
         snapshot: the store's snapshot.
