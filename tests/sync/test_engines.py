@@ -32,7 +32,7 @@ from kds.protocol import (
 )
 from kds.resource import Resource, ResourceType, Scope, SyncFlag, hashed_name
 from kds.store import Delete, Upserted
-from kds.sync import GlobalEngine, SharedSnapshots, SyncOptions, ZoneEngine, lifecycle
+from kds.sync import GlobalEngine, SharedSnapshots, SyncOptions, ZoneEngine, engines, lifecycle
 from kds.sync.engines import GLOBAL_ORIGIN, tracking_origin
 from kds.sync.lifecycle import insight_key, zone_key
 from kds.testing import MemoryStore, MemoryTransport
@@ -776,7 +776,10 @@ def _catalog_without(catalog: Catalog, name: str) -> Catalog:
 # -- snapshots shared between sessions --------------------------------------------
 
 
-async def test_zones_resetting_at_once_share_one_snapshot_and_each_gets_all_of_it():
+async def test_zones_resetting_at_once_share_one_snapshot_and_each_gets_all_of_it(monkeypatch):
+    # Kept for the whole test, however slow the machine: the late zone below must
+    # find it (expiry has a test of its own).
+    monkeypatch.setattr(engines, "SNAPSHOT_KEEP", 600.0)
     transport = MemoryTransport()
     global_store = await store_with(
         Upsert(key=ResourceKey("Mesh", None, "default"), spec={}),
@@ -803,7 +806,10 @@ async def test_zones_resetting_at_once_share_one_snapshot_and_each_gets_all_of_i
             for store in zone_stores.values():
                 has_all = functools.partial(_names_include, store, "MeshTimeout", expected)
                 await wait_for(has_all, "the snapshot")
-            assert (engine.snapshots.taken, engine.snapshots.shared) == (1, len(zone_stores))
+            # Each zone's first session shared it (a session that ended and resumed
+            # on a slow machine shares it again: at least one per zone).
+            assert engine.snapshots.taken == 1
+            assert engine.snapshots.shared >= len(zone_stores)
             # A change made after it reaches them as events after its revision.
             await global_store.commit([mesh_timeout("later")])
             await wait_for(lambda: everywhere(hashed_name("default", "later")), "the change")
@@ -817,7 +823,8 @@ async def test_zones_resetting_at_once_share_one_snapshot_and_each_gets_all_of_i
             later = hashed_name("default", "later")
             await wait_for(lambda: _has(late, "MeshTimeout", later), "the late zone's snapshot")
             assert late_zone.current_stats.resets_received == 1
-    assert (engine.snapshots.taken, engine.snapshots.shared) == (1, len(zone_stores) + 1)
+    assert engine.snapshots.taken == 1
+    assert engine.snapshots.shared >= len(zone_stores) + 1
 
 
 async def test_a_snapshot_nobody_uses_is_let_go_once_it_is_old():
