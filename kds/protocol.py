@@ -793,24 +793,18 @@ def encode_reset(frame: Reset, packed: Callable[[Resource], bytes]) -> bytes:
         ValueError: from *packed*.
     """
     packer = msgpack.Packer(use_bin_type=True)
-    pack = packer.pack
-    # The map encode_frame writes, key for key in the same order, with the rows
-    # spliced in where its resources array goes.
-    head = [
-        packer.pack_map_header(6),
-        pack("kind"),
-        pack("reset"),
-        pack("epoch"),
-        pack(frame.epoch),
-        pack("revision"),
-        pack(frame.revision),
-        pack("index"),
-        pack(frame.index),
-        pack("resources"),
-        packer.pack_array_header(len(frame.resources)),
-    ]
-    rows = [packed(resource) for resource in frame.resources]
-    return b"".join([*head, *rows, pack("final"), pack(frame.final)])
+    # The map encode_frame writes (its keys, in its order), with the rows spliced
+    # in where its resources array goes.
+    fields = _unstructure(attrs.evolve(frame, resources=()))
+    parts = [packer.pack_map_header(len(fields))]
+    for key, value in fields.items():
+        parts.append(packer.pack(key))
+        if key == "resources":
+            parts.append(packer.pack_array_header(len(frame.resources)))
+            parts.extend(packed(resource) for resource in frame.resources)
+        else:
+            parts.append(packer.pack(value))
+    return b"".join(parts)
 
 
 def decode_frame(data: bytes, *, catalog: Catalog = DEFAULT_CATALOG) -> Frame:

@@ -17,7 +17,6 @@ throughout: replication catches up when the global is back.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import random
 import uuid
@@ -57,7 +56,6 @@ from kds.resource import (
     Catalog,
     Resource,
     ResourceKey,
-    ResourceType,
 )
 from kds.store import Deleted, Upserted
 from kds.sync import lifecycle, rules
@@ -72,7 +70,7 @@ from kds.sync.replication import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 
     from anyio.abc import TaskStatus
 
@@ -207,18 +205,25 @@ class _ToZone:
         # frames are made.
         self.disabled = _disabled_zones(snapshot.resources)
         self.known = True
-        return self._copies(snapshot, frozenset(self.disabled))
+        return self._copies(snapshot)
 
-    def _copies(self, snapshot: SharedSnapshot, disabled: Collection[str]) -> Iterator[Resource]:
+    def _copies(self, snapshot: SharedSnapshot) -> Iterator[Resource]:
+        make = self._zones_copy
         for index, resource in enumerate(snapshot.resources):
             key, labels = resource.key, resource.labels
             if key.type not in self.types or labels.get(LABEL_ZONE) == self.zone:
                 continue
-            resource_type = rules.sent_to_zone(self.catalog, key, labels, self.zone, disabled)
-            if resource_type is not None:
+            gets = rules.sent_to_zone(self.catalog, key, labels, self.zone, self.disabled)
+            if gets is not None:
                 # Which resources the zone gets is its own; their copies are every
                 # zone's, made once for all the sessions sharing the snapshot.
-                yield snapshot.copy_of(index, functools.partial(_zones_copy, resource_type))
+                yield snapshot.copy_of(index, make)
+
+    def _zones_copy(self, resource: Resource) -> Resource:
+        """The copy of a global resource every zone that gets it gets (not this zone's own)."""
+        key = resource.key
+        copy = rules.global_copy(self.catalog[key.type], key, resource.labels)
+        return attrs.evolve(resource, key=copy.key, labels=copy.labels)
 
     def needs_reset(self, event: Event) -> bool:
         # Enabling or disabling another zone changes which of its resources this
@@ -249,12 +254,6 @@ class _ToZone:
             if resource.key == own and not lifecycle.is_enabled(resource):
                 return f"zone {self.zone!r} was disabled on the global"
         return None
-
-
-def _zones_copy(resource_type: ResourceType, resource: Resource) -> Resource:
-    """The copy of a global resource every zone that gets it gets."""
-    copy = rules.global_copy(resource_type, resource.key, resource.labels)
-    return attrs.evolve(resource, key=copy.key, labels=copy.labels)
 
 
 def _disabled_zones(resources: Sequence[Resource]) -> set[str]:
