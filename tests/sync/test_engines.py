@@ -838,17 +838,15 @@ async def test_a_snapshot_nobody_uses_is_let_go_once_it_is_old():
     async with anyio.create_task_group() as group:
         group.start_soon(snapshots.run)
         async with snapshots.use() as first:
-            await anyio.sleep(1.5 * keep)  # time passing, not a wait for anything
-            assert kept() is first  # in use: kept however old
-        assert kept() is None  # unused and old: let go with its last user
-        async with snapshots.use() as second:
-            assert second is not first
+            assert kept() is first
         # Unused but young: kept, and given to the next session...
-        assert kept() is second
-        async with snapshots.use() as third:
-            assert third is second
+        assert kept() is first
+        async with snapshots.use() as again:
+            assert again is first
         # ...until it is old.
         await wait_for(lambda: kept() is None, "the kept snapshot let go")
+        async with snapshots.use() as second:
+            assert second is not first
         group.cancel_scope.cancel()
     assert (snapshots.taken, snapshots.shared) == (2, 1)
 
@@ -875,9 +873,10 @@ async def test_a_shared_snapshot_is_not_given_to_a_session_that_needs_a_later_on
 
 async def test_a_snapshot_is_let_go_with_its_last_user():
     store = await store_with(mesh_timeout("a"))
-    snapshots = SharedSnapshots(store)
+    snapshots = SharedSnapshots(store)  # keep_for 0: every snapshot is old at once
     async with snapshots.use() as first, snapshots.use() as second:
         assert second is first
+        assert snapshots.current is first  # in use: kept however old
     async with snapshots.use() as third:
         assert third is not first
     assert (snapshots.taken, snapshots.shared) == (2, 1)
